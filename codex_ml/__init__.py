@@ -1,0 +1,3 @@
+"""codex_ml: the library behind the codex-pipeline DVC stages."""
+
+__version__ = "0.1.0"

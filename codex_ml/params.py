@@ -1,0 +1,281 @@
+"""Typed schema of params.yaml. `load()` validates the file before a stage does anything.
+
+Every group forbids unknown keys; a bad value raises UserError naming the key path, the value and
+what is allowed, e.g. `params.yaml: train.lr = -1.0: must be > 0`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .stage import UserError
+
+PARAMS_FILE = "params.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- ingest
+DEFAULT_STDLIB_EXCLUDE = ["site-packages/**", "dist-packages/**", "test/**", "**/test/**",
+                          "**/tests/**", "**/idle_test/**", "idlelib/**", "lib2to3/**",
+                          "**/__pycache__/**", "config-*/**"]
+
+
+class StdlibSource(Strict):
+    kind: Literal["python-stdlib"]
+    name: str = "stdlib"
+    include: list[str] = ["**/*.py"]
+    exclude: list[str] = DEFAULT_STDLIB_EXCLUDE
+
+
+class DirectorySource(Strict):
+    kind: Literal["directory"]
+    name: str
+    path: str
+    include: list[str] = ["**/*.py"]
+    exclude: list[str] = []
+    follow_symlinks: bool = True
+
+
+class TableSource(Strict):
+    kind: Literal["jsonl", "csv", "parquet"]
+    name: str
+    path: str
+    text_column: str = "text"
+    path_column: str | None = None  # column giving each row's relative path (language comes from it)
+    lang: str | None = None         # language for all rows when there is no path column
+
+
+class HFDatasetSource(Strict):
+    """A Hugging Face `datasets` source; needs a network (or a warm HF cache)."""
+    kind: Literal["hf-dataset"]
+    name: str
+    dataset: str
+    config: str | None = None
+    split: str = "train"
+    text_column: str = "content"
+    path_column: str | None = None
+    max_rows: int | None = Field(None, gt=0)
+
+
+Source = Annotated[Union[StdlibSource, DirectorySource, TableSource, HFDatasetSource],
+                   Field(discriminator="kind")]
+
+
+class Ingest(Strict):
+    sources: list[Source] = Field(default_factory=lambda: [StdlibSource(kind="python-stdlib")],
+                                  min_length=1)
+    max_file_bytes: int = Field(1_000_000, gt=0)
+    shard_bytes: int = Field(256 << 20, ge=1 << 20)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return self
+
+
+# ---------------------------------------------------------------- sanitize
+class NearDup(Strict):
+    enabled: bool = False
+    threshold: float = Field(0.85, gt=0, le=1)
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_size: int = Field(5, ge=1, le=64)
+
+
+class Sanitize(Strict):
+    policy: str | None = "configs/safety_policy.yaml"
+    redact_pii: bool = True
+    dedup: bool = True
+    near_dup: NearDup = NearDup()
+    min_chars: int = Field(16, ge=0)
+    max_line_length: int = Field(1000, gt=0)
+    min_alnum_fraction: float = Field(0.25, ge=0, le=1)
+
+
+# ---------------------------------------------------------------- split
+class Fractions(Strict):
+    train: float = Field(0.9, ge=0, le=1)
+    val: float = Field(0.05, ge=0, le=1)
+    test: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        if self.train <= 0:
+            raise ValueError("train fraction must be > 0")
+        return self
+
+
+class Split(Strict):
+    fractions: Fractions = Fractions()
+    group_by: Literal["id", "directory"] = "id"
+
+
+# ---------------------------------------------------------------- tokenizer
+class Tokenizer(Strict):
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    character_coverage: float = Field(0.9995, gt=0, le=1)
+    byte_fallback: bool = True
+    split_digits: bool = True
+    user_defined_symbols: list[str] = []
+    input_sentence_size: int = Field(300_000, ge=0)
+    max_sentence_length: int = Field(16384, ge=64)
+    num_threads: int = Field(2, ge=1)
+
+
+# ---------------------------------------------------------------- model
+class Lora(Strict):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "v_proj"]
+    bias: Literal["none", "all", "lora_only"] = "none"
+    merge: bool = False
+
+
+class Model(Strict):
+    init: Literal["scratch", "pretrained"] = "scratch"
+    base: str | None = None
+    trust_remote_code: bool = False
+    n_layers: int = Field(4, ge=1)
+    hidden_size: int = Field(256, ge=8)
+    n_heads: int = Field(8, ge=1)
+    n_kv_heads: int = Field(8, ge=1)
+    intermediate_size: int = Field(688, ge=8)
+    rope_theta: float = Field(10000.0, gt=0)
+    context_length: int = Field(256, ge=8)
+    tie_embeddings: bool = True
+    lora: Lora = Lora()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.init == "pretrained" and not self.base:
+            raise ValueError("init: pretrained needs `base` (a local model directory or hub id)")
+        if self.init == "scratch" and self.base:
+            raise ValueError("`base` is only used with init: pretrained")
+        if self.init == "scratch" and self.lora.enabled:
+            raise ValueError("LoRA needs a pretrained base (init: pretrained); "
+                             "a scratch model trains all weights")
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} must be divisible by n_kv_heads {self.n_kv_heads}")
+        return self
+
+
+# ---------------------------------------------------------------- train
+class Train(Strict):
+    block_size: int = Field(256, ge=8)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(30, ge=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup",
+                       "cosine_with_min_lr", "polynomial"] = "cosine"
+    max_steps: int = Field(300, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(20, ge=1)
+    early_stopping_patience: int = Field(0, ge=0)  # 0 disables
+    save_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    devices: Literal["auto"] | int = "auto"
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    num_workers: int = Field(0, ge=0)
+
+
+# ---------------------------------------------------------------- eval / report
+class Completion(Strict):
+    num_prompts: int = Field(32, ge=0)
+    prompt_lines: int = Field(8, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+
+
+class Eval(Strict):
+    batch_size: int = Field(8, ge=1)
+    bootstrap: int = Field(1000, ge=10)
+    max_docs: int | None = Field(None, ge=1)
+    completion: Completion = Completion()
+
+
+class Report(Strict):
+    compare_to: str = "HEAD"
+    num_samples: int = Field(5, ge=0)
+
+
+class Params(Strict):
+    seed: int = Field(1337, ge=0, lt=2**32)
+    ingest: Ingest = Ingest()
+    sanitize: Sanitize = Sanitize()
+    split: Split = Split()
+    tokenizer: Tokenizer = Tokenizer()
+    model: Model = Model()
+    train: Train = Train()
+    eval: Eval = Eval()
+    report: Report = Report()
+
+
+def _allowed(loc: tuple) -> str:
+    """Names of the fields allowed where an unknown key was found."""
+    cls: type[BaseModel] | None = Params
+    for part in loc[:-1]:
+        if cls is None or isinstance(part, int):
+            continue
+        f = cls.model_fields.get(part)
+        ann = f.annotation if f else None
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return ", ".join(cls.model_fields) if cls else ""
+
+
+def _format(err: ValidationError, path: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in (
+            "python-stdlib", "directory", "jsonl", "csv", "parquet", "hf-dataset")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed(loc)
+            lines.append(f"{path}: unknown key '{key}'" + (f" (allowed: {allowed})" if allowed else ""))
+        elif e["type"] == "missing":
+            lines.append(f"{path}: {key} is required but missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {key} = {e.get('input')!r}: {msg}")
+    return "; ".join(lines)
+
+
+def load(path: str | os.PathLike = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raise UserError with a one-line message on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path} not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: top level must be a mapping of groups, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format(e, str(path))) from None
