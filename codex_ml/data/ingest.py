@@ -1,0 +1,249 @@
+"""Collect documents from the configured sources into one Parquet table (DOC_SCHEMA)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sysconfig
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pathspec
+from tqdm import tqdm
+
+from ..io import ShardWriter, sha256_text
+from ..params import DirectorySource, HFDatasetSource, Ingest, StdlibSource, TableSource
+from ..stage import UserError
+
+log = logging.getLogger(__name__)
+
+LANGS = {
+    ".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript", ".ts": "typescript",
+    ".tsx": "typescript", ".jsx": "javascript", ".java": "java", ".c": "c", ".h": "c", ".cc": "cpp",
+    ".cpp": "cpp", ".hpp": "cpp", ".cs": "csharp", ".go": "go", ".rs": "rust", ".rb": "ruby",
+    ".php": "php", ".swift": "swift", ".kt": "kotlin", ".scala": "scala", ".sh": "shell",
+    ".bash": "shell", ".sql": "sql", ".r": "r", ".lua": "lua", ".pl": "perl", ".md": "markdown",
+    ".rst": "rst", ".txt": "text", ".json": "json", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml",
+    ".ini": "ini", ".cfg": "ini", ".html": "html", ".css": "css", ".xml": "xml",
+}
+
+SKIP_REASONS = ("invalid_utf8", "binary", "too_large", "empty", "unreadable", "symlink_loop",
+                "not_text")
+
+
+def language(path: str) -> str:
+    return LANGS.get(os.path.splitext(path)[1].lower(), "unknown")
+
+
+class Skips:
+    def __init__(self):
+        self.by_source: dict[str, Counter] = defaultdict(Counter)
+
+    def add(self, source: str, reason: str, where: str) -> None:
+        self.by_source[source][reason] += 1
+        log.debug("skip %s (%s)", where, reason)
+
+
+def _decode(data: bytes, max_bytes: int) -> tuple[str | None, str | None]:
+    """Return (text, None) or (None, skip reason)."""
+    if len(data) > max_bytes:
+        return None, "too_large"
+    if not data.strip():
+        return None, "empty"
+    if b"\x00" in data:
+        return None, "binary"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, "invalid_utf8"
+
+
+def _walk(root: Path, include: list[str], exclude: list[str], follow: bool, name: str,
+          skips: Skips) -> Iterator[Path]:
+    """Files under root matching include and not exclude, sorted, with symlink loops detected."""
+    inc = pathspec.PathSpec.from_lines("gitwildmatch", include)
+    exc = pathspec.PathSpec.from_lines("gitwildmatch", exclude)
+    seen_dirs: set[tuple[int, int]] = set()
+    out = []
+
+    def visit(d: Path, ancestors: frozenset):
+        try:
+            st = d.stat()
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            skips.add(name, "unreadable", str(d))
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            skips.add(name, "symlink_loop", str(d))
+            return
+        if key in seen_dirs:  # reached again through another symlink: count once
+            return
+        seen_dirs.add(key)
+        for e in entries:
+            rel = os.path.relpath(e.path, root)
+            try:
+                is_dir = e.is_dir(follow_symlinks=follow)
+            except OSError:
+                skips.add(name, "unreadable", e.path)
+                continue
+            if is_dir:
+                if e.is_symlink() and not follow:
+                    continue
+                if exc.match_file(rel + "/"):
+                    continue
+                visit(Path(e.path), ancestors | {key})
+            elif inc.match_file(rel) and not exc.match_file(rel):
+                if e.is_symlink() and not follow:
+                    continue
+                out.append(Path(e.path))
+
+    visit(root, frozenset())
+    return iter(out)
+
+
+def _file_docs(src: StdlibSource | DirectorySource, root: Path, max_bytes: int,
+               skips: Skips) -> Iterator[dict]:
+    follow = getattr(src, "follow_symlinks", False)
+    files = list(_walk(root, src.include, src.exclude, follow, src.name, skips))
+    for f in tqdm(files, desc=f"ingest {src.name}", unit="file", mininterval=1, leave=False):
+        rel = f.relative_to(root).as_posix()
+        try:
+            if f.stat().st_size > max_bytes:  # don't read what we'll skip anyway
+                skips.add(src.name, "too_large", rel)
+                continue
+            data = f.read_bytes()
+        except OSError as e:
+            reason = "symlink_loop" if e.errno == 40 else "unreadable"  # ELOOP
+            skips.add(src.name, reason, rel)
+            continue
+        text, reason = _decode(data, max_bytes)
+        if reason:
+            skips.add(src.name, reason, rel)
+            continue
+        yield {"source": src.name, "path": rel, "lang": language(rel), "text": text}
+
+
+def _table_docs(src: TableSource, max_bytes: int, skips: Skips) -> Iterator[dict]:
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    path = Path(src.path)
+    if not path.is_file():
+        raise UserError(f"ingest source '{src.name}': file not found: {src.path}")
+    cols = [src.text_column] + ([src.path_column] if src.path_column else [])
+    try:
+        if src.kind == "parquet":
+            pf = pq.ParquetFile(path)
+            have = pf.schema_arrow.names
+            chunks = (b.to_pandas() for b in pf.iter_batches(batch_size=4096,
+                                                              columns=[c for c in cols if c in have]))
+        elif src.kind == "csv":
+            have = list(pd.read_csv(path, nrows=0).columns)
+            chunks = pd.read_csv(path, chunksize=4096, usecols=lambda c: c in cols, dtype=str,
+                                 keep_default_na=False)
+        else:
+            chunks = pd.read_json(path, lines=True, chunksize=4096, dtype=False)
+            have = None
+        row = 0
+        for chunk in chunks:
+            have = have or list(chunk.columns)
+            for c in cols:
+                if c not in chunk.columns:
+                    raise UserError(f"ingest source '{src.name}': column '{c}' not in {src.path} "
+                                    f"(columns: {', '.join(map(str, have))})")
+            for i, value in enumerate(chunk[src.text_column].tolist()):
+                key = (str(chunk[src.path_column].iloc[i]) if src.path_column else f"row{row}")
+                row += 1
+                if not isinstance(value, str):
+                    skips.add(src.name, "not_text", key)
+                    continue
+                try:
+                    data = value.encode("utf-8")
+                except UnicodeEncodeError:  # lone surrogates from JSON escapes
+                    skips.add(src.name, "invalid_utf8", key)
+                    continue
+                text, reason = _decode(data, max_bytes)
+                if reason:
+                    skips.add(src.name, reason, key)
+                    continue
+                lang = src.lang or (language(key) if src.path_column else "unknown")
+                yield {"source": src.name, "path": key, "lang": lang, "text": text}
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:  # pandas/pyarrow parse errors
+        raise UserError(f"ingest source '{src.name}': cannot read {src.kind} file {src.path}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+
+
+def _hf_docs(src: HFDatasetSource, max_bytes: int, skips: Skips) -> Iterator[dict]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(src.dataset, src.config, split=src.split, streaming=True)
+    except Exception as e:  # offline, unknown dataset, missing config: all the user's to fix
+        raise UserError(f"ingest source '{src.name}': cannot load Hugging Face dataset "
+                        f"'{src.dataset}' (needs a network or a local cache): "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    for i, ex in enumerate(ds):
+        if src.max_rows and i >= src.max_rows:
+            break
+        key = str(ex.get(src.path_column)) if src.path_column else f"row{i}"
+        value = ex.get(src.text_column)
+        if not isinstance(value, str):
+            skips.add(src.name, "not_text", key)
+            continue
+        text, reason = _decode(value.encode("utf-8", "surrogatepass"), max_bytes)
+        if reason:
+            skips.add(src.name, reason, key)
+            continue
+        yield {"source": src.name, "path": key, "lang": language(key), "text": text}
+
+
+def source_docs(src, cfg: Ingest, skips: Skips) -> Iterator[dict]:
+    if src.kind == "python-stdlib":
+        return _file_docs(src, Path(sysconfig.get_paths()["stdlib"]), cfg.max_file_bytes, skips)
+    if src.kind == "directory":
+        root = Path(src.path)
+        if not root.is_dir():
+            raise UserError(f"ingest source '{src.name}': directory not found: {src.path}")
+        return _file_docs(src, root, cfg.max_file_bytes, skips)
+    if src.kind == "hf-dataset":
+        return _hf_docs(src, cfg.max_file_bytes, skips)
+    return _table_docs(src, cfg.max_file_bytes, skips)
+
+
+def ingest(cfg: Ingest, out_dir: Path) -> dict:
+    """Write out_dir/docs*.parquet; return the metrics dict."""
+    # Check every path first so a typo fails before any work is done.
+    for src in cfg.sources:
+        p = getattr(src, "path", None)
+        if p is not None and not Path(p).exists():
+            raise UserError(f"ingest source '{src.name}': path not found: {p}")
+    skips = Skips()
+    writer = ShardWriter(out_dir, "docs", cfg.shard_bytes)
+    per_source = {}
+    for src in cfg.sources:
+        n = nbytes = 0
+        for doc in source_docs(src, cfg, skips):
+            doc["bytes"] = len(doc["text"].encode("utf-8"))
+            doc["id"] = sha256_text(doc["text"])
+            writer.add(doc)
+            n += 1
+            nbytes += doc["bytes"]
+        per_source[src.name] = {"kind": src.kind, "documents": n, "bytes": nbytes,
+                                "skipped": dict(sorted(skips.by_source[src.name].items()))}
+        log.info("source %s: %d documents, %.1f MB, skipped %s", src.name, n, nbytes / 1e6,
+                 dict(skips.by_source[src.name]) or "none")
+    files = writer.close()
+    total_skips = Counter()
+    for c in skips.by_source.values():
+        total_skips.update(c)
+    return {
+        "documents": sum(s["documents"] for s in per_source.values()),
+        "bytes": sum(s["bytes"] for s in per_source.values()),
+        "skipped": {r: total_skips.get(r, 0) for r in SKIP_REASONS},
+        "sources": per_source,
+        "shards": len(files),
+    }
