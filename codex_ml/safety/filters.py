@@ -1,0 +1,69 @@
+"""Quality filters, exact deduplication and MinHash near-duplicate removal."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+_ALNUM_RUN = re.compile(r"[^\W_]+")
+_TRAILING_WS = re.compile(r"[ \t\r\f\v]+$", re.M)
+_WORD = re.compile(r"\w+")
+
+
+def quality_reason(text: str, min_chars: int, max_line_length: int,
+                   min_alnum_fraction: float) -> str | None:
+    """Why a document fails the quality filters (a metrics key), or None when it passes."""
+    if len(text.strip()) < min_chars:
+        return "too_short"
+    if max(map(len, text.split("\n"))) > max_line_length:
+        return "long_line"  # minified, generated or data blobs
+    if min_alnum_fraction > 0 and text:
+        alnum = sum(map(len, _ALNUM_RUN.findall(text)))
+        if alnum < min_alnum_fraction * len(text):
+            return "low_alnum"
+    return None
+
+
+def normalized_digest(text: str) -> bytes:
+    """Hash that ignores line endings, trailing spaces and leading/trailing blank lines."""
+    norm = _TRAILING_WS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).strip("\n")
+    return hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest()
+
+
+class ExactDedup:
+    def __init__(self):
+        self.seen: set[bytes] = set()
+
+    def is_duplicate(self, text: str) -> bool:
+        d = normalized_digest(text)
+        if d in self.seen:
+            return True
+        self.seen.add(d)
+        return False
+
+
+class NearDedup:
+    """Drop a document whose estimated Jaccard similarity (word shingles) to a kept one is at
+    least `threshold`; the first document of a cluster, in input order, is the one kept."""
+
+    def __init__(self, threshold: float, num_perm: int, shingle_size: int, seed: int = 1):
+        from datasketch import MinHash, MinHashLSH
+
+        self._minhash, self.num_perm, self.k = MinHash, num_perm, shingle_size
+        self._template = MinHash(num_perm=num_perm, seed=seed)  # permutations drawn once
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.n = 0
+
+    def is_duplicate(self, text: str) -> bool:
+        words = _WORD.findall(text)
+        k = min(self.k, max(1, len(words)))
+        shingles = {" ".join(words[i:i + k]).encode() for i in range(max(1, len(words) - k + 1))}
+        t = self._template
+        m = self._minhash(num_perm=self.num_perm, seed=t.seed, permutations=t.permutations,
+                          scheme=t.scheme)
+        m.update_batch(list(shingles))
+        if self.lsh.query(m):
+            return True
+        self.lsh.insert(str(self.n), m)
+        self.n += 1
+        return False
