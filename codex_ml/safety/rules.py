@@ -39,8 +39,8 @@ class Rule:
 # ---------------------------------------------------------------- checks
 RESERVED_DOMAINS = ("example.com", "example.org", "example.net", "example.edu", "localhost")
 RESERVED_TLDS = ("example", "test", "invalid", "localhost", "local", "internal")
-# `image@2x.png`, `module@1.2.tar.gz`: an @ in a file name, not an address.
-FILE_TLDS = {"png", "jpg", "jpeg", "gif", "svg", "webp", "py", "pyc", "js", "ts", "css", "html",
+# `image@2x.png`, `module@1.2.tar.gz`, `sd_IN@devanagari.UTF-8`: file names and locales.
+NOT_TLDS = {"utf", "utf8", "iso", "euro", "png", "jpg", "jpeg", "gif", "svg", "webp", "py", "pyc", "js", "ts", "css", "html",
              "txt", "md", "rst", "json", "yaml", "yml", "toml", "gz", "zip", "tar", "whl", "so",
              "dll", "exe", "c", "h", "cpp", "rs", "go", "java", "lock"}
 
@@ -54,10 +54,15 @@ def reserved_host(host: str) -> bool:
 
 def _email_ok(m: re.Match) -> bool:
     domain = m.group("domain")
-    return not reserved_host(domain) and domain.rsplit(".", 1)[-1].lower() not in FILE_TLDS
+    return not reserved_host(domain) and domain.rsplit(".", 1)[-1].lower() not in NOT_TLDS
 
 
-_VERSIONISH = re.compile(r"(?i)(?:version|ver|release|v|==|>=|<=|~=|oid)[\s:=\"'(]*$")
+_NOT_IP_BEFORE = re.compile(r"(?i)(?:\b(?:version|ver|release|v|oid|sections?|rfc\d*|spec|"
+                            r"chapter|step)|==|>=|<=|~=|§|#|-)[\s:=\"'(\[]*$")
+_IP_CONTEXT = re.compile(r"(?i)\b(?:ip|ipv4|addr|address(?:es)?|host(?:name)?s?|server|client|"
+                         r"remote|peer|connect(?:ed|ion)?|socket|inet|dns|nameserver|proxy|"
+                         r"gateway|bind|listen(?:ing)?|ping|route|subnet|firewall|nslookup|whois)\b|"
+                         r"://|\d:\d{2,5}\b|^\S+ - ")
 
 
 def _ip_ok(m: re.Match) -> bool:
@@ -67,8 +72,14 @@ def _ip_ok(m: re.Match) -> bool:
         return False
     if not ip.is_global or ip.is_multicast or ip.is_reserved:
         return False  # private, loopback, link-local, documentation (192.0.2/24 ...), reserved
-    before = m.string[max(0, m.start() - 12):m.start()]
-    return not _VERSIONISH.search(before)  # `version 1.2.3.4`, `==2.0.1.4`
+    s = m.string
+    if _NOT_IP_BEFORE.search(s, max(0, m.start() - 12), m.start()):
+        return False  # `version 1.2.3.4`, `==2.0.1.4`, `section 8.2.4.44`
+    # Dotted quads are often versions or section numbers: take one as an address when its line
+    # speaks of networks (or it is a log line), or when an octet is too large for a version.
+    ls, le = s.rfind("\n", 0, m.start()) + 1, s.find("\n", m.end())
+    line = s[ls:le if le >= 0 else len(s)]
+    return bool(_IP_CONTEXT.search(line)) or max(ip.packed) >= 100
 
 
 def luhn(digits: str) -> bool:
@@ -126,11 +137,16 @@ def _looks_random(v: str) -> bool:
 _NAME_HEAD = re.compile(r"[\w.-]{0,40}$")
 
 
+_EXPR_AFTER = re.compile(r"\s*[.%\[+*]")  # '{0}:{1}'.format(...), "%s" % x: a template
+
+
 def _assignment_ok(m: re.Match) -> bool:
     # The match starts at the keyword; the name's head (`db_` in `db_password`) lies before it.
     head = _NAME_HEAD.search(m.string, max(0, m.start() - 40), m.start()).group(0)
     name, value, quote = head + m.group("name"), m.group("value"), m.group("q")
     if _NAME_SKIP.search(name) or _PLACEHOLDER.match(value) or len(set(value)) < 3:
+        return False
+    if quote and _EXPR_AFTER.match(m.string, m.end()):
         return False
     lname = name.lower()
     password_like = any(k in lname for k in ("pass", "pwd", "secret", "credential"))
