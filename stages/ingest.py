@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codex_ml import params  # noqa: E402
-from codex_ml.data.ingest import ingest  # noqa: E402
+from codex_ml.data.ingest import check_sources, ingest  # noqa: E402
 from codex_ml.io import atomic_dir, write_json  # noqa: E402
 from codex_ml.stage import UserError, run  # noqa: E402
 
@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--metrics", default="metrics/ingest.json")
     args = ap.parse_args()
     p = params.load(args.params)
+    check_sources(p.ingest)
     t0 = time.perf_counter()
     with atomic_dir(args.output) as tmp:
         m = ingest(p.ingest, tmp)

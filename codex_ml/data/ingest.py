@@ -62,8 +62,8 @@ def _decode(data: bytes, max_bytes: int) -> tuple[str | None, str | None]:
 def _walk(root: Path, include: list[str], exclude: list[str], follow: bool, name: str,
           skips: Skips) -> Iterator[Path]:
     """Files under root matching include and not exclude, sorted, with symlink loops detected."""
-    inc = pathspec.PathSpec.from_lines("gitwildmatch", include)
-    exc = pathspec.PathSpec.from_lines("gitwildmatch", exclude)
+    inc = pathspec.PathSpec.from_lines("gitignore", include)
+    exc = pathspec.PathSpec.from_lines("gitignore", exclude)
     seen_dirs: set[tuple[int, int]] = set()
     out = []
 
@@ -214,13 +214,17 @@ def source_docs(src, cfg: Ingest, skips: Skips) -> Iterator[dict]:
     return _table_docs(src, cfg.max_file_bytes, skips)
 
 
-def ingest(cfg: Ingest, out_dir: Path) -> dict:
-    """Write out_dir/docs*.parquet; return the metrics dict."""
-    # Check every path first so a typo fails before any work is done.
+def check_sources(cfg: Ingest) -> None:
+    """Fail on a missing source path before any work is done or anything is written."""
     for src in cfg.sources:
         p = getattr(src, "path", None)
         if p is not None and not Path(p).exists():
             raise UserError(f"ingest source '{src.name}': path not found: {p}")
+
+
+def ingest(cfg: Ingest, out_dir: Path) -> dict:
+    """Write out_dir/docs*.parquet; return the metrics dict."""
+    check_sources(cfg)
     skips = Skips()
     writer = ShardWriter(out_dir, "docs", cfg.shard_bytes)
     per_source = {}

@@ -1,0 +1,49 @@
+# codex-pipeline. On a fresh machine: `make repro` (set up + run the pipeline) or `make test`.
+PY       ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup repro test test-fast lock bench audit clean
+
+setup: $(VENV)/.installed
+
+# The lock pins exact versions with hashes; --no-deps because the lock is the full closure.
+# torch==2.13.0 has hashes for both the local CPU wheel and PyPI's CUDA wheels; the GPU-only
+# libraries (requirements-cuda.lock) are added only when a CUDA torch was installed.
+$(VENV)/.installed: requirements.lock requirements-cuda.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -qq --require-hashes --no-deps -r requirements.lock
+	if ! $(BIN)/python -c "import importlib.metadata as m, sys; sys.exit('+cpu' not in m.version('torch'))"; then \
+	  $(BIN)/python -m pip install -qq --require-hashes --no-deps -r requirements-cuda.lock; fi
+	$(BIN)/python -m pip install -qq --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
+	touch $@
+
+repro: setup
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lock:
+	$(BIN)/python tools/lock.py
+
+bench: setup
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+audit: setup
+	$(BIN)/python -m pip install -qq pip-audit detect-secrets
+	$(BIN)/pip-audit --strict -r requirements.lock --no-deps --disable-pip || echo "pip-audit: vulnerability database unreachable or findings above"
+	git ls-files -z | xargs -0 $(BIN)/detect-secrets scan --exclude-files 'requirements.*lock|tests/.*' | $(BIN)/python tools/secret_scan_report.py
+
+clean:
+	rm -rf $(VENV)
