@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
 
 _ALNUM_RUN = re.compile(r"[^\W_]+")
+_ASCII_ALNUM = (string.ascii_letters + string.digits).encode()
 _TRAILING_WS = re.compile(r"[ \t\r\f\v]+$", re.M)
 _WORD = re.compile(r"\w+")
 
@@ -18,7 +20,10 @@ def quality_reason(text: str, min_chars: int, max_line_length: int,
     if max(map(len, text.split("\n"))) > max_line_length:
         return "long_line"  # minified, generated or data blobs
     if min_alnum_fraction > 0 and text:
-        alnum = sum(map(len, _ALNUM_RUN.findall(text)))
+        if text.isascii():  # bytes.translate deletes at C speed, ~10x the regex
+            alnum = len(text) - len(text.encode("ascii").translate(None, _ASCII_ALNUM))
+        else:
+            alnum = sum(map(len, _ALNUM_RUN.findall(text)))
         if alnum < min_alnum_fraction * len(text):
             return "low_alnum"
     return None
@@ -26,7 +31,10 @@ def quality_reason(text: str, min_chars: int, max_line_length: int,
 
 def normalized_digest(text: str) -> bytes:
     """Hash that ignores line endings, trailing spaces and leading/trailing blank lines."""
-    norm = _TRAILING_WS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).strip("\n")
+    norm = text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+    if " \n" in norm or "\t\n" in norm or "\f" in norm or "\v" in norm or norm[-1:] in " \t":
+        norm = _TRAILING_WS.sub("", norm)  # the slow path, only when there is something to strip
+    norm = norm.strip("\n")
     return hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest()
 
 
