@@ -210,10 +210,19 @@ class Completion(Strict):
 
 
 class Eval(Strict):
-    batch_size: int = Field(8, ge=1)
-    bootstrap: int = Field(1000, ge=10)
-    max_docs: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)             # windows (of `context` tokens) per forward pass
+    bootstrap: int = Field(1000, ge=10)          # resamples of test documents for the 95% CIs
+    max_docs: int | None = Field(None, ge=1)     # cap on test documents (None: the whole split)
+    context: int | None = Field(None, ge=8)      # window length; None: the model's max positions
+    stride: int | None = Field(None, ge=1)       # window advance; None: half the context
     completion: Completion = Completion()
+
+    @model_validator(mode="after")
+    def _stride_fits(self):
+        if self.context and self.stride and self.stride > self.context:
+            raise ValueError(f"stride {self.stride} must be <= context {self.context} "
+                             "(else some tokens would never be scored)")
+        return self
 
 
 class Report(Strict):

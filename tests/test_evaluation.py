@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 import sysconfig
@@ -75,6 +76,15 @@ def tiny_params(**eval_kw) -> Params:
                                                            "max_new_tokens": 8}}
     e.update(eval_kw)
     return Params.model_validate({"seed": 7, "eval": e})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronisation, badly so on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -206,10 +216,11 @@ def test_stage_script(tiny, tmp_path):
     cmd = [sys.executable, "stages/evaluate.py", "--params", str(tmp_path / "params.yaml"),
            "--model", str(tiny["model"]), "--splits", str(tiny["splits"]),
            "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "eval.json")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "eval.json").read_text())
     assert m["docs"] == 6 and (tmp_path / "eval" / "predictions.jsonl").exists()
-    bad = subprocess.run(cmd[:5] + ["--model", str(tmp_path)] + cmd[7:], cwd=ROOT,
-                         capture_output=True, text=True)
+    bad = subprocess.run(cmd[:4] + ["--model", str(tmp_path)] + cmd[6:], cwd=ROOT,
+                         capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "not a Hugging Face model directory" in bad.stderr

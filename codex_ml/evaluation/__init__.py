@@ -1,0 +1,1 @@
+"""Evaluation of causal code LMs: bits per byte, accuracy, completion scores, with bootstrap CIs."""

@@ -1,0 +1,86 @@
+"""Code completion: the model continues the opening lines of test files; we compare with the truth.
+
+A prompt is the first `prompt_lines` whole lines of a document, extended line by line until the
+next line is not blank (an empty "next line" would make exact match trivially easy). Documents are
+taken in split order, the first `num_prompts` that have such a line. The reference is the true
+continuation cut to the same `max_new_tokens` tokens the model may generate, so long files do not
+penalise BLEU/chrF for text the model was never allowed to write.
+
+Scores (via the project's `evaluate` modules in metrics/): exact match and edit similarity of the
+next line, BLEU, chrF and ROUGE-L of the whole continuation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .lm import start_token_id
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+
+
+def make_prompt(text: str, prompt_lines: int) -> tuple[str, str] | None:
+    """Split a document into (prompt, rest) at a line boundary, or None when it is too short."""
+    lines = text.splitlines(keepends=True)
+    k = prompt_lines
+    while k < len(lines) and not lines[k].strip():
+        k += 1
+    if k >= len(lines):
+        return None
+    return "".join(lines[:k]), "".join(lines[k:])
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, context: int,
+             batch_size: int) -> list[str]:
+    """Greedy continuations. Prompts are left-padded, and cut from the left to fit the context."""
+    start = start_token_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    keep = max(1, context - max_new_tokens)
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [([start] + x)[-keep:]
+               for x in tokenizer(prompts[i:i + batch_size], add_special_tokens=False)["input_ids"]]
+        width = max(map(len, ids))
+        x = torch.tensor([[pad] * (width - len(s)) + s for s in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids], device=device)
+        gen = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return out
+
+
+def reference(tokenizer, rest: str, max_new_tokens: int) -> str:
+    ids = tokenizer(rest[: max_new_tokens * 64], add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:max_new_tokens], skip_special_tokens=True)
+
+
+def load_metric(name: str):
+    import evaluate
+
+    return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
+
+
+def score(predictions: list[str], references: list[str]) -> tuple[dict, list[dict]]:
+    """Corpus scores and one dict of per-sample scores per prediction."""
+    if not predictions:
+        return {}, []
+    kw = {"predictions": predictions, "references": references}
+    em = load_metric("exact_match").compute(**kw)
+    es_line = load_metric("edit_similarity").compute(**kw, first_line=True)
+    es = load_metric("edit_similarity").compute(**kw)
+    bleu = load_metric("bleu").compute(**kw)
+    chrf = load_metric("chrf").compute(**kw, per_sample=True)
+    rouge = load_metric("rouge").compute(**kw)
+    corpus = {"exact_match_line": em["exact_match"], "edit_similarity_line": es_line["edit_similarity"],
+              "edit_similarity": es["edit_similarity"], "bleu": bleu["bleu"], "chrf": chrf["chrf"],
+              "rougeL": rouge["rougeL"]}
+    per = [{"exact_match_line": a, "edit_similarity_line": b, "edit_similarity": c, "chrf": d,
+            "rougeL": e}
+           for a, b, c, d, e in zip(em["scores"], es_line["scores"], es["scores"], chrf["scores"],
+                                    rouge["scores"])]
+    return corpus, per
