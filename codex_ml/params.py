@@ -125,15 +125,32 @@ class Split(Strict):
 
 # ---------------------------------------------------------------- tokenizer
 class Tokenizer(Strict):
-    model_type: Literal["bpe", "unigram"] = "bpe"
+    """SentencePiece settings; the lossless ones (identity normalisation, no whitespace collapsing,
+    whitespace-only pieces, no dummy prefix) are fixed in codex_ml/tokenizer."""
+    model_type: Literal["bpe", "unigram"] = "bpe"   # unigram trains ~20x slower on code
     vocab_size: int = Field(4096, ge=300, le=1_000_000)
-    character_coverage: float = Field(0.9995, gt=0, le=1)
-    byte_fallback: bool = True
-    split_digits: bool = True
-    user_defined_symbols: list[str] = []
-    input_sentence_size: int = Field(300_000, ge=0)
-    max_sentence_length: int = Field(16384, ge=64)
+    character_coverage: float = Field(0.9995, gt=0, le=1)  # rarer characters become byte tokens
+    byte_fallback: bool = True                      # must stay true: it makes every string encodable
+    split_digits: bool = True                       # numbers as single digits
+    split_by_whitespace: bool = False               # false: pieces may span spaces ("\n▁▁▁▁return")
+    user_defined_symbols: list[str] = []            # always one token each, never merged
+    max_piece_length: int = Field(16, ge=1, le=64)  # characters
+    input_sentence_size: int = Field(300_000, ge=0)  # training chunks sampled (seeded); 0 = all
+    max_sentence_length: int = Field(16384, ge=64)  # bytes per chunk; documents are cut at line ends
     num_threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _lossless(self):
+        if not self.byte_fallback:
+            raise ValueError("byte_fallback must be true: without it characters outside the "
+                             "vocabulary become <unk> and documents no longer round-trip")
+        for s in self.user_defined_symbols:
+            if not s or any(c in s for c in " \u2581\ue000\ue001\ue002"):
+                raise ValueError(f"user_defined_symbols: {s!r} is empty or holds a space, U+2581 or "
+                                 "U+E000-E002 (reserved by the lossless encoding)")
+        if len(set(self.user_defined_symbols)) != len(self.user_defined_symbols):
+            raise ValueError("user_defined_symbols has duplicates")
+        return self
 
 
 # ---------------------------------------------------------------- model
