@@ -15,13 +15,9 @@ setup: $(VENV)/.installed
 # The lock pins exact versions with hashes; --no-deps because the lock is the full closure.
 # torch==2.13.0 has hashes for both the local CPU wheel and PyPI's CUDA wheels; the GPU-only
 # libraries (requirements-cuda.lock) are added only when a CUDA torch was installed.
-$(VENV)/.installed: requirements.lock requirements-cuda.lock pyproject.toml
+$(VENV)/.installed: requirements.lock requirements-cuda.lock pyproject.toml tools/install.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -qq --require-hashes --no-deps -r requirements.lock
-	if ! $(BIN)/python -c "import importlib.metadata as m, sys; sys.exit('+cpu' not in m.version('torch'))"; then \
-	  $(BIN)/python -m pip install -qq --require-hashes --no-deps -r requirements-cuda.lock; fi
-	$(BIN)/python -m pip install -qq --no-deps --no-build-isolation -e .
-	$(BIN)/python -m pip check
+	$(BIN)/python tools/install.py
 	touch $@
 
 repro: setup
