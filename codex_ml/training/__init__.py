@@ -1,0 +1,1 @@
+"""Training: packing (data), the Trainer-based engine, checkpoints, provenance, the stage's run()."""

@@ -1,0 +1,61 @@
+"""Pack documents into fixed-length blocks, as run_clm.py's group_texts does: tokenize each document,
+append EOS, concatenate everything and cut into `block_size` pieces (the remainder is dropped)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from .. import io
+
+
+def pack(texts: Iterable[str], tokenizer, block_size: int, batch_docs: int = 256) -> torch.Tensor:
+    """Return a LongTensor [n_blocks, block_size] of token ids with EOS between documents."""
+    eos = tokenizer.eos_token_id
+    chunks: list[np.ndarray] = []
+    batch: list[str] = []
+
+    def flush():
+        enc = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        for ids in enc:
+            chunks.append(np.asarray(ids + [eos], dtype=np.int64))
+        batch.clear()
+
+    for t in texts:
+        batch.append(t)
+        if len(batch) >= batch_docs:
+            flush()
+    if batch:
+        flush()
+    flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    n = len(flat) // block_size
+    return torch.from_numpy(flat[: n * block_size].reshape(n, block_size).copy())
+
+
+def pack_split(split_dir, name: str, tokenizer, block_size: int) -> torch.Tensor:
+    texts = (r["text"] for r in io.iter_rows(split_dir, name, columns=["text"]))
+    return pack(texts, tokenizer, block_size)
+
+
+class Blocks(torch.utils.data.Dataset):
+    """Packed blocks as the dicts the HF Trainer expects; labels = inputs (the model shifts them)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        x = self.blocks[i]
+        return {"input_ids": x, "labels": x}
+
+
+def evenly_spaced(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """At most n blocks spread over the whole split, so a capped val set still covers every part."""
+    if len(blocks) <= n:
+        return blocks
+    idx = torch.linspace(0, len(blocks) - 1, n).round().long()
+    return blocks[idx]

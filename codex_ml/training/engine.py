@@ -1,0 +1,197 @@
+"""The training engine: the HF Trainer with our checkpoint policy, throughput and dvclive metrics.
+
+`train(model, train_blocks, val_blocks, t, ...)` is the single entry point; the stage and the
+benchmarks call it with a model, packed blocks and a step budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..params import Train
+from . import checkpoints
+from .data import Blocks, evenly_spaced
+
+log = logging.getLogger("codex.train")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, before torch.distributed is initialised."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def resolve_precision(precision: str) -> str:
+    """auto: bf16 where the GPU supports it, fp32 elsewhere (CPU autocast to bf16 is slower here)."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        from ..stage import UserError
+        raise UserError("train.precision = fp16 needs a CUDA GPU (loss scaling is a GPU feature); "
+                        "use auto, fp32 or bf16")
+    return precision
+
+
+def resolve_compile(mode: str) -> bool:
+    # Off on CPU: bench/bench_train_cpu.py measured compile as a net loss for short CPU runs.
+    return mode == "on" or (mode == "auto" and torch.cuda.is_available())
+
+
+@dataclass
+class Result:
+    steps: int
+    start_step: int
+    tokens: int
+    tokens_this_run: int
+    tokens_per_s: float
+    wall_s: float
+    final_train_loss: float | None
+    final_val_loss: float | None
+    best_val_loss: float | None
+    resumed_from: str | None
+    stopped_early: bool
+    precision: str
+    compiled: bool
+    world_size: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Throughput(TrainerCallback):
+    """Adds tokens/s (since the previous log) to the train logs and aligns dvclive's step with the
+    optimizer step, so train and val curves share one x axis, also after a resume."""
+
+    def __init__(self, tokens_per_step: int, live=None):
+        self.tokens_per_step, self.live = tokens_per_step, live
+        self.t0 = self.step0 = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0, self.step0 = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs is not None and "loss" in logs and self.t0 is not None:
+            now = time.perf_counter()
+            steps = state.global_step - self.step0
+            if steps > 0:
+                logs["tokens_per_s"] = round(steps * self.tokens_per_step / (now - self.t0), 1)
+            self.t0, self.step0 = now, state.global_step
+        if self.live is not None:
+            self.live.step = state.global_step
+
+    def on_evaluate(self, args, state, control, **kw):
+        # Evaluation time is not training throughput.
+        self.t0, self.step0 = time.perf_counter(), state.global_step
+
+
+class FinalEvalSave(TrainerCallback):
+    """Evaluate and checkpoint at the last step too: the card reports the final weights' val loss,
+    and a rerun after a crash while writing the output resumes at the end instead of redoing it."""
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = control.should_save = True
+
+
+def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision: str,
+                  compiled: bool, max_steps: int):
+    from transformers import TrainingArguments
+
+    fsdp = {}
+    if t.distributed == "fsdp" and world()[1] > 1:
+        fsdp = dict(fsdp="full_shard auto_wrap",
+                    fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    sched_kwargs = {"min_lr_rate": 0.1} if t.scheduler == "cosine_with_min_lr" else {}
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=max_steps, per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=eval_batch, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.scheduler, lr_scheduler_kwargs=sched_kwargs,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else None,
+        adam_beta2=0.95,
+        logging_steps=t.log_every, logging_first_step=True,
+        eval_strategy="steps", eval_steps=t.eval_every,
+        save_strategy="steps", save_steps=t.save_every, save_total_limit=None,
+        metric_for_best_model="eval_loss", greater_is_better=False,
+        report_to="none", seed=seed, data_seed=seed, full_determinism=False,
+        bf16=precision == "bf16", fp16=precision == "fp16",
+        torch_compile=compiled, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=t.num_workers, dataloader_drop_last=True,
+        ddp_find_unused_parameters=False, disable_tqdm=not is_main() or None,
+        **fsdp,
+    )
+
+
+def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train, *, seed: int,
+          out_dir: str | Path, fingerprint: str = "", resume_from: str | Path | None = None,
+          live=None, max_steps: int | None = None, callbacks: list | None = None):
+    """Train `model` on packed blocks, checkpointing under `out_dir` (marked with `fingerprint`),
+    continuing from `resume_from` (see checkpoints.find_resumable) when given.
+    Returns (trainer, Result). `live` is a dvclive.Live on rank 0, None elsewhere."""
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
+    from transformers.integrations import DVCLiveCallback
+
+    from ..stage import UserError
+
+    rank, ws = world()
+    max_steps = max_steps or t.max_steps
+    per_step = t.batch_size * t.grad_accum * ws
+    if len(train_blocks) < per_step:
+        raise UserError(f"train split packs into {len(train_blocks)} blocks of {t.block_size} "
+                        f"tokens, fewer than one step needs ({per_step}); lower train.batch_size "
+                        "or train.block_size, or add data")
+    if len(val_blocks) == 0:
+        raise UserError(f"val split has fewer than train.block_size = {t.block_size} tokens")
+    eval_batch = min(t.batch_size, len(val_blocks))
+    val_blocks = evenly_spaced(val_blocks, t.eval_batches * eval_batch)
+
+    precision, compiled = resolve_precision(t.precision), resolve_compile(t.compile)
+    out_dir = Path(out_dir)
+    set_seed(seed)
+    args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps)
+    tokens_per_step = per_step * t.block_size
+
+    cbs = [FinalEvalSave(), checkpoints.Keeper(fingerprint, t.keep_checkpoints),
+           Throughput(tokens_per_step, live)]
+    if live is not None:
+        cbs.append(DVCLiveCallback(live=live))
+    if t.early_stopping_patience:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    cbs += callbacks or []
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_blocks),
+                      eval_dataset=Blocks(val_blocks), callbacks=cbs)
+
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    st = trainer.state
+    start_step = checkpoints.step_of(resume_from) if resume_from else 0
+    evals = [h for h in st.log_history if "eval_loss" in h]
+    wall = time.perf_counter() - t0
+    losses = [h["loss"] for h in st.log_history if "loss" in h]
+    run_tokens = (st.global_step - start_step) * tokens_per_step
+    train_s = out.metrics.get("train_runtime") or wall
+    res = Result(
+        steps=st.global_step, start_step=start_step, tokens=st.global_step * tokens_per_step,
+        tokens_this_run=run_tokens, tokens_per_s=round(run_tokens / train_s, 1) if train_s else 0.0,
+        wall_s=round(wall, 2), final_train_loss=losses[-1] if losses else None,
+        final_val_loss=evals[-1]["eval_loss"] if evals else None,
+        best_val_loss=min(h["eval_loss"] for h in evals) if evals else None,
+        resumed_from=str(resume_from) if resume_from else None,
+        stopped_early=st.global_step < max_steps, precision=precision, compiled=compiled,
+        world_size=ws)
+    if res.final_val_loss is not None and not math.isfinite(res.final_val_loss):
+        log.warning("val loss is %s: training diverged (lower train.lr?)", res.final_val_loss)
+    return trainer, res

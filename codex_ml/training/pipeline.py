@@ -1,0 +1,142 @@
+"""The train_model stage's work: tokenizer + data → model → engine → models/model + metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import io, modeling
+from ..params import Params
+from ..stage import UserError
+from . import checkpoints, engine, provenance
+from .data import pack_split
+
+log = logging.getLogger("codex.train")
+
+# Train keys that change how a run is observed or stored, never the weights it produces.
+_OPERATIONAL = {"log_every", "save_every", "keep_checkpoints", "num_workers", "devices"}
+
+
+@dataclass(frozen=True)
+class Paths:
+    splits: Path = Path("data/splits")
+    tokenizer: Path = Path("models/tokenizer")
+    out: Path = Path("models/model")
+    checkpoints: Path = Path("models/checkpoints")
+    live: Path = Path("metrics/train")
+    lock: Path = Path("requirements.lock")
+
+
+def tokenizer_hash(path: Path) -> str:
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return io.sha256_text("".join(f"{f.relative_to(path)}:{io.sha256_file(f)}\n" for f in files))
+
+
+def read_manifest(splits: Path) -> dict:
+    try:
+        return json.loads((splits / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{splits}/manifest.json not found (run the split stage)") from None
+    except ValueError as e:
+        raise UserError(f"{splits}/manifest.json is not valid JSON: {e}") from None
+
+
+def fingerprint_of(p: Params, manifest: dict, tok_hash: str) -> str:
+    return checkpoints.fingerprint(
+        seed=p.seed, model=p.model.model_dump(), tokenizer=p.tokenizer.model_dump(),
+        train=p.train.model_dump(exclude=_OPERATIONAL),
+        data=manifest.get("dataset_version") or io.sha256_text(json.dumps(manifest, sort_keys=True)),
+        tokenizer_files=tok_hash)
+
+
+def visible_devices(devices) -> int:
+    n = torch.cuda.device_count()
+    if devices == "auto":
+        return max(n, 1)
+    if n and devices > n:
+        raise UserError(f"train.devices = {devices} but only {n} GPU(s) are visible")
+    return devices if n else 1
+
+
+def run(p: Params, paths: Paths = Paths()) -> dict:
+    t0 = time.perf_counter()
+    rank, ws = engine.world()
+    manifest = read_manifest(paths.splits)
+    m, t = p.model, p.train
+
+    tok_dir = Path(m.base) if m.init == "pretrained" and Path(m.base).is_dir() else (
+        m.base if m.init == "pretrained" else paths.tokenizer)
+    tokenizer = modeling.load_tokenizer(tok_dir, m.trust_remote_code)
+    tok_hash = tokenizer_hash(Path(tok_dir)) if Path(tok_dir).is_dir() else str(tok_dir)
+    fp = fingerprint_of(p, manifest, tok_hash)
+
+    train_blocks = pack_split(paths.splits, "train", tokenizer, t.block_size)
+    val_blocks = pack_split(paths.splits, "val", tokenizer, t.block_size)
+    log.info("packed %d train / %d val blocks of %d tokens", len(train_blocks), len(val_blocks),
+             t.block_size)
+
+    torch.manual_seed(p.seed)  # scratch init is drawn from the seed
+    model = modeling.build(m, tokenizer, t.block_size)
+    if m.lora.enabled:
+        model = modeling.apply_lora(model, m.lora)
+    total, trainable = modeling.count_params(model)
+
+    resume_from = None
+    if rank == 0:
+        resume_from = checkpoints.find_resumable(paths.checkpoints, fp)
+    if ws > 1:  # everyone resumes from what rank 0 chose (it may have removed stale ones)
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        box = [str(resume_from) if resume_from else None]
+        dist.broadcast_object_list(box, src=0)
+        resume_from = box[0]
+
+    live = None
+    if rank == 0:
+        from dvclive import Live
+        # resume=True keeps the curves of the interrupted run; a fresh run starts them over.
+        live = Live(str(paths.live), dvcyaml=False, save_dvc_exp=False, resume=bool(resume_from))
+        live.monitor_system(interval=0.1, num_samples=30)
+
+    trainer, res = engine.train(model, train_blocks, val_blocks, t, seed=p.seed,
+                                out_dir=paths.checkpoints, fingerprint=fp,
+                                resume_from=resume_from, live=live)
+    metrics = {
+        "final_train_loss": res.final_train_loss, "final_val_loss": res.final_val_loss,
+        "best_val_loss": res.best_val_loss, "steps": res.steps, "tokens": res.tokens,
+        "tokens_per_s": res.tokens_per_s, "train_wall_s": res.wall_s,
+        "params": total, "trainable_params": trainable, "resumed_from_step": res.start_step,
+        "stopped_early": res.stopped_early, "precision": res.precision, "world_size": ws,
+    }
+    if rank == 0:
+        save(trainer.model if ws == 1 else trainer.accelerator.unwrap_model(trainer.model),
+             tokenizer, p, manifest, metrics, paths, ws)
+    metrics["wall_s"] = round(time.perf_counter() - t0, 1)
+    return metrics
+
+
+def save(model, tokenizer, p: Params, manifest: dict, metrics: dict, paths: Paths, ws: int) -> None:
+    prov = provenance.provenance(p.seed, ws, paths.lock)
+    lora = p.model.lora.enabled
+    with io.atomic_dir(paths.out) as d:
+        if lora:
+            model.save_pretrained(d / "adapter")
+            if p.model.lora.merge:
+                modeling.merge(model).save_pretrained(d)
+            else:  # the adapter at the top: AutoModelForCausalLM loads it through peft
+                model.save_pretrained(d)
+        else:
+            model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        io.write_json(d / "provenance.json", prov)
+        params = {"seed": p.seed, "model": p.model.model_dump(), "train": p.train.model_dump(),
+                  "tokenizer": p.tokenizer.model_dump()}
+        io.write_atomic(d / "README.md", provenance.model_card(
+            params=params, manifest=manifest, metrics=metrics, prov=prov, lora=lora))

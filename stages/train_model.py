@@ -1,0 +1,48 @@
+"""train_model: train (or LoRA-tune) the code LM; resumable checkpoints, live metrics, model card.
+
+    python stages/train_model.py            # the DVC stage; resumes models/checkpoints if they match
+With several GPUs visible (train.devices: auto or N > 1) it relaunches itself under torchrun.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from codex_ml import io, params  # noqa: E402
+from codex_ml.stage import run  # noqa: E402
+
+log = logging.getLogger("codex.train_model")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--splits", default="data/splits")
+    ap.add_argument("--tokenizer", default="models/tokenizer")
+    ap.add_argument("--out", default="models/model")
+    ap.add_argument("--checkpoints", default="models/checkpoints")
+    ap.add_argument("--metrics", default="metrics/train.json")
+    a = ap.parse_args()
+    p = params.load()
+
+    from codex_ml.training import pipeline
+
+    n = pipeline.visible_devices(p.train.devices)
+    if n > 1 and "WORLD_SIZE" not in os.environ:  # one process per GPU; rank 0 logs and saves
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={n}", *sys.argv])
+    paths = pipeline.Paths(splits=Path(a.splits), tokenizer=Path(a.tokenizer), out=Path(a.out),
+                           checkpoints=Path(a.checkpoints))
+    m = pipeline.run(p, paths)
+    if int(os.environ.get("RANK", 0)) == 0:
+        io.write_json(a.metrics, m)
+        log.info("train_model: %d steps, %s tokens, %.0f tokens/s, best val loss %.4f, %.0f s -> %s",
+                 m["steps"], f"{m['tokens']:,}", m["tokens_per_s"], m["best_val_loss"], m["wall_s"],
+                 a.out)
+
+
+if __name__ == "__main__":
+    run(main)
