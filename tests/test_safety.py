@@ -141,6 +141,12 @@ DOC1, DOC2, DOC3 = "192.0.2.1", "198.51.100.7", "203.0.113.9"
 HOST = "0.0.0.0"
 TEST_CARD = "4111 1111 1111 1111"
 ICON = "logo@2x.png"
+rng = np.random.default_rng(2435908729190400)
+MACS = ["hmac-sha2-256@openssh.com", "sk-ssh-ed25519@openssh.com"]
+REPO = "git@github.com:python/cpython.git"
+TEMPLATE = "azureservicebus://SAS_POLICY_NAME:SAS_KEY@SERVICE_BUSNAMESPACE"
+LOCALE = "sd_IN@devanagari.UTF-8"
+aix = ['7.1.4.34', 1806]  # section 8.2.4.44
 
 
 def check(password):

@@ -52,9 +52,16 @@ def reserved_host(host: str) -> bool:
     return host.rsplit(".", 1)[-1] in RESERVED_TLDS
 
 
+# SSH names protocol extensions and algorithms `name@domain` (`hmac-sha2-256@openssh.com`).
+PROTOCOL_DOMAINS = {"openssh.com", "ssh.com", "libssh.org", "asyncssh.com"}
+SERVICE_USERS = {"git", "noreply", "no-reply"}  # git@github.com: an SSH endpoint, not a person
+
+
 def _email_ok(m: re.Match) -> bool:
-    domain = m.group("domain")
-    return not reserved_host(domain) and domain.rsplit(".", 1)[-1].lower() not in NOT_TLDS
+    domain = m.group("domain").lower()
+    local = m.group(0)[:m.start("domain") - m.start() - 1].lower()
+    return not (reserved_host(domain) or domain.rsplit(".", 1)[-1] in NOT_TLDS
+                or domain in PROTOCOL_DOMAINS or local in SERVICE_USERS)
 
 
 _NOT_IP_BEFORE = re.compile(r"(?i)(?:\b(?:version|ver|release|v|oid|sections?|rfc\d*|spec|"
@@ -98,9 +105,24 @@ TEST_CARDS = {"4111111111111111", "4242424242424242", "4012888888881881", "55555
               "6011000990139424", "3530111333300000", "4000056655665556", "2223003122003222"}
 
 
+_CARD_CONTEXT = re.compile(r"(?i)card|credit|debit|\bcc\b|visa|master|amex|\bpan\b|payment")
+
+
 def _card_ok(m: re.Match) -> bool:
-    digits = re.sub(r"[ -]", "", m.group(0))
-    return 13 <= len(digits) <= 19 and digits not in TEST_CARDS and luhn(digits)
+    raw = m.group(0)
+    digits = re.sub(r"[ -]", "", raw)
+    if not (13 <= len(digits) <= 19) or digits in TEST_CARDS or not luhn(digits):
+        return False
+    seps = set(re.findall(r"[ -]", raw))
+    if len(seps) > 1:
+        return False
+    if not seps:
+        # A bare digit run is far more often a seed, a big integer or a test vector than a card
+        # number: take it only when its line speaks of cards or payments.
+        s = m.string
+        ls, le = s.rfind("\n", 0, m.start()) + 1, s.find("\n", m.end())
+        return bool(_CARD_CONTEXT.search(s, ls, le if le >= 0 else len(s)))
+    return True
 
 
 def _ssn_ok(m: re.Match) -> bool:
@@ -162,7 +184,9 @@ def _assignment_ok(m: re.Match) -> bool:
 
 def _url_ok(m: re.Match) -> bool:
     pw = m.group("value")
-    return not (_PLACEHOLDER.match(pw) or reserved_host(m.group("host")) or len(pw) < 3)
+    # USER:PASSWORD@HOST, SAS_POLICY:SAS_KEY@NAMESPACE: a template in docs, not a credential.
+    return not (_PLACEHOLDER.match(pw) or reserved_host(m.group("host")) or len(pw) < 3
+                or re.fullmatch(r"[A-Z][A-Z0-9_]*", pw))
 
 
 # ---------------------------------------------------------------- rules
