@@ -17,7 +17,7 @@ import torch
 from codex_ml import io
 from codex_ml.evaluation import completion
 from codex_ml.evaluation.bootstrap import mean_ci, ratio_ci
-from codex_ml.evaluation.lm import windows
+from codex_ml.evaluation.lm import start_token_id, windows
 from codex_ml.evaluation.pipeline import evaluate_model, load_model
 from codex_ml.params import Params
 
@@ -127,7 +127,7 @@ def test_bits_per_byte_two_ways(tiny, tmp_path, ctx, stride):
     m = evaluate_model(model, tok, splits, tmp_path, tiny_params(context=ctx, stride=stride))
     nll = 0.0
     for t in texts:
-        ids = [tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"]
+        ids = [tok.eos_token_id] + tok(t, add_special_tokens=False)["input_ids"]
         nll += direct_nll(model, ids, ctx, stride)
     nbytes = sum(len(t.encode()) for t in texts)
     assert m["bits_per_byte"]["value"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-4)
@@ -137,11 +137,19 @@ def test_bits_per_byte_two_ways(tiny, tmp_path, ctx, stride):
     assert sum(docs["nll_bits"]) / sum(docs["bytes"]) == pytest.approx(m["bits_per_byte"]["value"])
 
 
+def test_start_token_follows_training_layout(tiny):
+    _, tok = load_model(tiny["model"])
+    assert start_token_id(tok) == tok.eos_token_id  # packed as text + EOS, no BOS added by the tokenizer
+    tok.add_bos_token = True  # Llama-style: the tokenizer itself puts BOS first
+    tok.update_post_processor()
+    assert start_token_id(tok) == tok.bos_token_id
+
+
 def test_full_context_matches_hf_loss(tiny):
-    """A document that fits the context gets exactly Hugging Face's own mean loss (with BOS in front)."""
+    """A document that fits the context gets exactly Hugging Face's own mean loss (EOS in front)."""
     model, tok = load_model(tiny["model"])
     text = tok.decode(tok(tiny["texts"][0], add_special_tokens=False)["input_ids"][:60])
-    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    ids = [tok.eos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) <= 64
     from codex_ml.evaluation.lm import Scorer
 

@@ -1,10 +1,11 @@
 """Language-model figures per document: negative log-likelihood, token counts, top-1/top-5 hits.
 
 How a document is scored (the same for every model, so runs compare):
-- Its text is tokenized without special tokens and a start token is put in front: the tokenizer's
-  BOS, or its EOS when it has no BOS (GPT-2 style, where EOS also separates documents). The first
-  real token is therefore predicted from that start token like every other token, and the NLL
-  covers the whole text. The start token itself is never scored.
+- Its text is tokenized without special tokens and one start token is put in front, the token the
+  model saw before a document in training: BOS when the tokenizer adds BOS itself (Llama-style
+  pretrained models), else EOS, the separator that run_clm-style packing (ours: text + EOS,
+  codex_ml/training/data.py) puts between documents. The first real token is therefore predicted
+  like every other token and the NLL covers the whole text; the start token itself is not scored.
 - Documents longer than the context are scored with a sliding window: windows of `context` tokens
   advance by `stride`, and each window scores only the tokens no earlier window scored, so every
   token is predicted exactly once and (after the first window) with at least context - stride
@@ -42,7 +43,11 @@ class DocScores:
 
 
 def start_token_id(tokenizer) -> int:
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    auto = tokenizer("x", add_special_tokens=True)["input_ids"]
+    if bos is not None and auto and auto[0] == bos:
+        return bos
+    for tid in (eos, bos):
         if tid is not None:
             return tid
     raise UserError("the tokenizer has neither a BOS nor an EOS token; one is needed to score "
