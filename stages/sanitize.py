@@ -23,7 +23,7 @@ def main() -> None:
     args = ap.parse_args()
 
     p = params.load(args.params)
-    m = sanitize_table(args.input, args.output, p.sanitize, seed=p.seed)
+    m = sanitize_table(args.input, args.output, p.sanitize, shard_bytes=p.ingest.shard_bytes)
     io.write_json(args.metrics, m)
     top = ", ".join(f"{k}={v}" for k, v in sorted(m["redactions"].items(), key=lambda kv: -kv[1])
                     if v)[:200]
