@@ -14,8 +14,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-ACTIONS = ("allow", "block", "redact")
-
 
 @dataclass(frozen=True)
 class Rule:

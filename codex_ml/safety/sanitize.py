@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,8 +14,6 @@ from ..params import Sanitize
 from .filters import ExactDedup, NearDedup, quality_reason
 from .policy import build_rules, load_policy
 from .redact import Redactor
-
-log = logging.getLogger(__name__)
 
 QUALITY_REASONS = ("too_short", "long_line", "low_alnum")
 
