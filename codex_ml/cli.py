@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+from .modeling import cli as modeling_cli
 from .stage import run
 from .tokenizer import cli as tokenizer_cli
 
-GROUPS = [tokenizer_cli.add_parser]
+GROUPS = [tokenizer_cli.add_parser, modeling_cli.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

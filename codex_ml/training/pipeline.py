@@ -103,7 +103,12 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
         from dvclive import Live
         # resume=True keeps the curves of the interrupted run; a fresh run starts them over.
         live = Live(str(paths.live), dvcyaml=False, save_dvc_exp=False, resume=bool(resume_from))
-        live.monitor_system(interval=0.1, num_samples=30)
+        if not torch.cuda.is_available():
+            # With pynvml installed but no driver, dvclive's sampler fails before it records the
+            # CPU/RAM figures too; tell it there is no GPU.
+            import dvclive.monitor_system as ms
+            ms.GPU_AVAILABLE = False
+        live.monitor_system(interval=0.1, num_samples=20)  # one averaged sample every ~2 s
 
     trainer, res = engine.train(model, train_blocks, val_blocks, t, seed=p.seed,
                                 out_dir=paths.checkpoints, fingerprint=fp,
