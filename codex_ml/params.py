@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .stage import UserError
 
@@ -139,18 +139,24 @@ class Tokenizer(Strict):
     max_sentence_length: int = Field(16384, ge=64)  # bytes per chunk; documents are cut at line ends
     num_threads: int = Field(2, ge=1)
 
-    @model_validator(mode="after")
-    def _lossless(self):
-        if not self.byte_fallback:
-            raise ValueError("byte_fallback must be true: without it characters outside the "
-                             "vocabulary become <unk> and documents no longer round-trip")
-        for s in self.user_defined_symbols:
+    @field_validator("byte_fallback")
+    @classmethod
+    def _byte_fallback(cls, v):
+        if not v:
+            raise ValueError("must be true: without it characters outside the vocabulary become "
+                             "<unk> and documents no longer round-trip")
+        return v
+
+    @field_validator("user_defined_symbols")
+    @classmethod
+    def _symbols(cls, v):
+        for s in v:
             if not s or any(c in s for c in " \u2581\ue000\ue001\ue002"):
-                raise ValueError(f"user_defined_symbols: {s!r} is empty or holds a space, U+2581 or "
-                                 "U+E000-E002 (reserved by the lossless encoding)")
-        if len(set(self.user_defined_symbols)) != len(self.user_defined_symbols):
-            raise ValueError("user_defined_symbols has duplicates")
-        return self
+                raise ValueError(f"{s!r} is empty or holds a space, U+2581 or U+E000-E002 "
+                                 "(reserved by the lossless encoding)")
+        if len(set(v)) != len(v):
+            raise ValueError("has duplicates")
+        return v
 
 
 # ---------------------------------------------------------------- model

@@ -155,8 +155,11 @@ def hf_backend(sp: spm.SentencePieceProcessor, model_type: str, user_defined: It
         model = BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[(a, b) for *_, a, b in ranked],
                     unk_token=UNK, fuse_unk=True, byte_fallback=True, dropout=None)
     else:
-        model = Unigram([(p, sp.get_score(i)) for i, p in enumerate(pieces)], unk_id=UNK_ID,
-                        byte_fallback=True)
+        # SentencePiece never matches control, unknown or byte pieces against text ("<s>", "<0x41>"
+        # in a document stay characters); a score far below every real piece keeps Viterbi off them.
+        floor = min(sp.get_score(i) for i in range(len(pieces)) if not special[i]) - 1000.0
+        model = Unigram([(p, floor if special[i] else sp.get_score(i)) for i, p in enumerate(pieces)],
+                        unk_id=UNK_ID, byte_fallback=True)
     tok = Tokenizer(model)
     # Same order as SentencePiece: escape ESC, then literal ▁, then spaces become ▁.
     tok.normalizer = normalizers.Sequence([
@@ -304,5 +307,6 @@ def train_dir(splits: str | Path, out: str | Path, p) -> dict:
                                           if total["tokens"] else None)
         if d and (total["roundtrip_ok"] < d or total["hf_agree"] < d):
             raise UserError(f"tokenizer check failed on val/test: {d - total['roundtrip_ok']} docs do not "
-                            f"round-trip, {d - total['hf_agree']} differ between HF and SentencePiece")
+                            f"round-trip, {d - total['hf_agree']} differ between HF and SentencePiece "
+                            "(`codex tokenizer validate --split val` lists them; model_type bpe is the tested default)")
     return metrics
