@@ -34,6 +34,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _recover(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
@@ -48,6 +49,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _recover(path: Path) -> None:
+    """Clean up after a run killed with SIGKILL (no cleanup handlers ran): put back an output that
+    was moved aside but not yet replaced, and delete abandoned temporary directories."""
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if olds and not path.exists():
+        os.rename(olds.pop(), path)
+    for stale in [*olds, *path.parent.glob(f".{path.name}.tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
