@@ -10,6 +10,7 @@ from codex_ml.stage import UserError
 from codex_ml import tokenizer as T
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+ROOT_HINT = Path(__file__).resolve().parents[1]  # repo root, for subprocess tests
 
 HOSTILE = [
     "", "\n", "\n\n\n\n", "x", " ", "    ", "\t", "\t\tif x:\n\t\t\treturn y\n",
