@@ -135,7 +135,7 @@ class Tokenizer(Strict):
     split_by_whitespace: bool = False               # false: pieces may span spaces ("\n▁▁▁▁return")
     user_defined_symbols: list[str] = []            # always one token each, never merged
     max_piece_length: int = Field(16, ge=1, le=64)  # characters
-    input_sentence_size: int = Field(300_000, ge=0)  # training chunks sampled (seeded); 0 = all
+    input_sentence_size: int = Field(20_000, ge=0)  # chunks sampled (seeded); 0 = all
     max_sentence_length: int = Field(16384, ge=64)  # bytes per chunk; documents are cut at line ends
     num_threads: int = Field(2, ge=1)
 
