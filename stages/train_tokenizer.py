@@ -33,7 +33,8 @@ def main() -> None:
                  m.get("test_bytes_per_token") or 0, m["roundtrip_exact"] or 0, m["hf_sp_identical"] or 0,
                  m["train_seconds"])
     else:
-        log.info("tokenizer: copied from pretrained base %s (vocab %d), not trained", m["base"], m["vocab_size"])
+        log.info("tokenizer: copied from pretrained base %s (vocab %d), not trained",
+                 m["base"], m["vocab_size"])
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def codex(capsysbinary, *argv):
 def test_encode_decode_round_trip(tok, capsysbinary, tmp_path):
     text = "def f():\n\treturn '▁😀'  \r\n"
     (tmp_path / "in.py").write_bytes(text.encode())
-    code, out, _ = codex(capsysbinary, "tokenizer", "encode", "--model", tok / "tokenizer", "-f", tmp_path / "in.py")
+    code, out, _ = codex(capsysbinary, "tokenizer", "encode", "--model", tok / "tokenizer",
+                         "-f", tmp_path / "in.py")
     assert code == 0
     ids = out.decode().split()
     assert [int(i) for i in ids] == T.load_sp(tok / "tokenizer").encode(text)
@@ -66,14 +67,16 @@ def test_validate_fails_on_a_broken_export(tok, capsysbinary, tmp_path):
     j["normalizer"]["normalizers"] = j["normalizer"]["normalizers"][2:]
     (bad / "tokenizer.json").write_text(json.dumps(j))
     (tmp_path / "doc.py").write_text("bar = '▁▁▁'\n")
-    code, _, err = codex(capsysbinary, "tokenizer", "validate", "--model", bad, "-f", tmp_path / "doc.py")
+    code, _, err = codex(capsysbinary, "tokenizer", "validate", "--model", bad,
+                         "-f", tmp_path / "doc.py")
     assert code == 1 and "hf-mismatch" in err
 
 
 def test_train_command(tok, capsysbinary, tmp_path):
     (tmp_path / "params.yaml").write_text("tokenizer:\n  vocab_size: 500\n")
     code, out, _ = codex(capsysbinary, "tokenizer", "train", "--params", tmp_path / "params.yaml",
-                         "--splits", tok / "splits", "--output", tmp_path / "t", "--metrics", tmp_path / "m.json")
+                         "--splits", tok / "splits", "--output", tmp_path / "t",
+                         "--metrics", tmp_path / "m.json")
     assert code == 0 and json.loads(out)["vocab_size"] == 500
     assert json.loads((tmp_path / "m.json").read_text())["roundtrip_exact"] == 1.0
 
@@ -88,7 +91,8 @@ def test_clear_errors(tok, capsysbinary, tmp_path):
     assert code == 2 and "integers" in err
     code, _, err = codex(capsysbinary, "tokenizer", "decode", "--model", tok / "tokenizer", "99999")
     assert code == 2 and "out of range" in err
-    code, _, err = codex(capsysbinary, "tokenizer", "validate", "--model", tok / "tokenizer", "-f", tmp_path / "nope")
+    code, _, err = codex(capsysbinary, "tokenizer", "validate", "--model", tok / "tokenizer",
+                         "-f", tmp_path / "nope")
     assert code == 2 and "no such file" in err
 
 
@@ -97,4 +101,5 @@ def test_console_entry_point(tok):
     r = subprocess.run([sys.executable, "-m", "codex_ml.cli", "tokenizer", "encode", "--model",
                         str(tok / "tokenizer"), "--pieces", "--json", "x = 1\n"], capture_output=True, text=True,
                        cwd=ROOT_HINT)
-    assert r.returncode == 0 and json.loads(r.stdout) == T.load_sp(tok / "tokenizer").encode("x = 1\n", out_type=str)
+    assert r.returncode == 0
+    assert json.loads(r.stdout) == T.load_sp(tok / "tokenizer").encode("x = 1\n", out_type=str)

@@ -308,5 +308,5 @@ def train_dir(splits: str | Path, out: str | Path, p) -> dict:
         if d and (total["roundtrip_ok"] < d or total["hf_agree"] < d):
             raise UserError(f"tokenizer check failed on val/test: {d - total['roundtrip_ok']} docs do not "
                             f"round-trip, {d - total['hf_agree']} differ between HF and SentencePiece "
-                            "(`codex tokenizer validate --split val` lists them; model_type bpe is the tested default)")
+                            "(`codex tokenizer validate --split val` lists them; bpe is the tested default)")
     return metrics

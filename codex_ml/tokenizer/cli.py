@@ -122,14 +122,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmds = grp.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_arg(p):
-        p.add_argument("--model", default=DEFAULT_DIR, help=f"tokenizer directory or .model file ({DEFAULT_DIR})")
+        p.add_argument("--model", default=DEFAULT_DIR,
+                       help=f"tokenizer directory or .model file ({DEFAULT_DIR})")
 
     def input_args(p, split_default=None):
         p.add_argument("--file", "-f", help="a UTF-8 text file (one document)")
         p.add_argument("--split", default=split_default, help="a split name: train, val or test")
         p.add_argument("--splits", default="data/splits", help="the splits directory (data/splits)")
 
-    p = cmds.add_parser("train", help="train on the train split (what the train_tokenizer stage runs)")
+    p = cmds.add_parser("train", help="train on the train split (as the train_tokenizer stage does)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--splits", default="data/splits")
     p.add_argument("--output", default=DEFAULT_DIR)
