@@ -1,0 +1,254 @@
+"""train_model: packing, the engine, checkpoints that resume after kill -9, the stage's outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from codex_ml import io
+from codex_ml.params import Params
+from codex_ml.training import checkpoints, engine
+from codex_ml.training.data import pack
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = dict(n_layers=2, hidden_size=32, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                  context_length=32)
+TINY_TRAIN = dict(block_size=32, batch_size=4, lr=3e-3, warmup_steps=2, max_steps=20,
+                  eval_every=10, save_every=10, log_every=5, eval_batches=2)
+
+
+def stdlib_texts(n: int, max_chars: int = 4000) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = ["json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "fnmatch.py",
+             "colorsys.py", "bisect.py", "heapq.py", "glob.py", "string.py", "keyword.py",
+             "copy.py", "base64.py", "calendar.py", "csv.py", "difflib.py", "gettext.py",
+             "ipaddress.py", "netrc.py", "numbers.py", "operator.py", "pprint.py", "queue.py"]
+    return [(root / n).read_text()[:max_chars] for n in names[:n]]
+
+
+def make_tokenizer(path: Path, texts: list[str]) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>", pad_token="<pad>").save_pretrained(path)
+    return path
+
+
+def write_split(d: Path, name: str, texts: list[str]) -> None:
+    rows = [dict(id=io.sha256_text(t), source="stdlib", path=f"{i}.py", lang="python", text=t,
+                 bytes=len(t.encode())) for i, t in enumerate(texts)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=io.DOC_SCHEMA), d / f"{name}.parquet")
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """A repo-shaped directory: data/splits (train/val/test + manifest) and models/tokenizer."""
+    root = tmp_path_factory.mktemp("train_ws")
+    texts = stdlib_texts(23)
+    splits = root / "data" / "splits"
+    splits.mkdir(parents=True)
+    write_split(splits, "train", texts[:19])
+    write_split(splits, "val", texts[19:21])
+    write_split(splits, "test", texts[21:])
+    (splits / "manifest.json").write_text(json.dumps({"dataset_version": "test-v1"}))
+    make_tokenizer(root / "models" / "tokenizer", texts[:19])
+    return root
+
+
+def params(**over) -> Params:
+    raw = {"seed": 7, "model": dict(TINY_MODEL), "train": dict(TINY_TRAIN)}
+    for group, vals in over.items():
+        raw[group].update(vals)
+    return Params.model_validate(raw)
+
+
+def test_pack_puts_eos_between_docs_and_drops_the_remainder(workspace):
+    from codex_ml.modeling import load_tokenizer
+
+    tok = load_tokenizer(workspace / "models" / "tokenizer")
+    docs = ["def a():\n    return 1\n", "x = 2\n", "class B:\n    pass\n"]
+    blocks = pack(docs, tok, 8)
+    flat = sum((tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in docs), [])
+    assert blocks.shape == (len(flat) // 8, 8)
+    assert blocks.flatten().tolist() == flat[: blocks.numel()]
+    assert (blocks == tok.eos_token_id).sum() >= 2
+
+
+def test_tiny_model_trains_loss_falls_and_is_deterministic(workspace, tmp_path):
+    from codex_ml import modeling
+    from codex_ml.training.data import pack_split
+
+    p = params(train=dict(max_steps=30, save_every=1000, eval_every=1000))
+    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
+    tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
+    va = pack_split(workspace / "data" / "splits", "val", tok, 32)
+    weights = []
+    for run in range(2):
+        torch.manual_seed(p.seed)
+        model = modeling.build(p.model, tok, 32)
+        assert model.config.vocab_size == len(tok)
+        trainer, res = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path / str(run))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert res.steps == 30 and res.tokens == 30 * 4 * 32
+        assert losses[-1] < losses[0] - 0.5, losses
+        assert res.final_val_loss < 5.5  # ln(400) = 6.0 for a uniform guess
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    for k in weights[0]:  # same data, params and seed: same weights on CPU
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_incomplete_and_foreign_checkpoints_are_never_resumed(tmp_path):
+    def ckpt(step, marker):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if marker:
+            io.write_json(d / checkpoints.MARKER, marker)
+    ckpt(10, {"fingerprint": "aaa", "step": 10, "val_loss": 3.0})
+    ckpt(20, {"fingerprint": "bbb", "step": 20, "val_loss": 2.0})
+    ckpt(30, None)  # killed while saving
+    assert checkpoints.find_resumable(tmp_path, "aaa") == tmp_path / "checkpoint-10"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10"]
+    assert checkpoints.find_resumable(tmp_path, "ccc") is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keeper_keeps_best_k_by_val_loss_plus_latest(tmp_path):
+    for step, val in [(10, 3.0), (20, 2.0), (30, 2.5), (40, 2.8), (50, 2.9)]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        io.write_json(tmp_path / f"checkpoint-{step}" / checkpoints.MARKER,
+                      {"fingerprint": "f", "step": step, "val_loss": val})
+    checkpoints.Keeper("f", keep=2).rotate(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-30",
+                                                          "checkpoint-50"]
+
+
+# ---------------------------------------------------------------- the stage, end to end
+def stage_dir(workspace: Path, tmp: Path, **over) -> Path:
+    d = tmp
+    (d / "data").mkdir(parents=True, exist_ok=True)
+    (d / "models").mkdir(exist_ok=True)
+    (d / "data" / "splits").symlink_to(workspace / "data" / "splits")
+    (d / "models" / "tokenizer").symlink_to(workspace / "models" / "tokenizer")
+    raw = {"seed": 7, "model": dict(TINY_MODEL), "train": dict(TINY_TRAIN, max_steps=40)}
+    for group, vals in over.items():
+        raw[group].update(vals)
+    (d / "params.yaml").write_text(yaml.safe_dump(raw))
+    return d
+
+
+def stage(cwd: Path, **kw) -> subprocess.Popen:
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(ROOT / "stages" / "train_model.py")], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(model_dir / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_stage_resumes_after_kill_9_with_the_same_final_weights(workspace, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    full = stage_dir(workspace, tmp_path / "full")
+    cut = stage_dir(workspace, tmp_path / "cut")
+    ref = stage(full)
+    victim = stage(cut)
+    marker = cut / "models" / "checkpoints" / "checkpoint-10" / checkpoints.MARKER
+    deadline = time.time() + 300
+    while not marker.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert marker.exists()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, victim.stdout.read()[-3000:]
+    assert not (cut / "models" / "model").exists()  # killed before the end
+
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out[-3000:]
+    resumed = stage(cut)
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log[-3000:]
+    assert "resuming from" in log
+
+    mf, mc = (json.loads((d / "metrics" / "train.json").read_text()) for d in (full, cut))
+    assert mf["steps"] == mc["steps"] == 40 and mc["resumed_from_step"] >= 10
+    a, b = weights(full / "models" / "model"), weights(cut / "models" / "model")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+    # The output is a standard HF model dir with card, provenance and live metrics.
+    out_dir = full / "models" / "model"
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    assert model.config.vocab_size == len(tok)
+    card = (out_dir / "README.md").read_text()
+    assert "test-v1" in card and "best_val_loss" in card
+    prov = json.loads((out_dir / "provenance.json").read_text())
+    assert {"git", "requirements_lock_sha256", "torch", "transformers", "devices", "seed"} <= prov.keys()
+    assert (full / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").exists()
+    assert (full / "metrics" / "train" / "plots" / "metrics" / "eval" / "loss.tsv").exists()
+    # Checkpoints: best-k (2) by val loss plus the latest.
+    assert len(list((full / "models" / "checkpoints").glob("checkpoint-*"))) <= 3
+
+    # Other params: the checkpoints are not resumed, and the log says so.
+    p = yaml.safe_load((cut / "params.yaml").read_text())
+    p["train"]["lr"] = 1e-3
+    p["train"]["max_steps"] = 15
+    (cut / "params.yaml").write_text(yaml.safe_dump(p))
+    again = stage(cut)
+    log, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, log[-3000:]
+    assert "made with other params or data" in log and "resuming from" not in log
+    assert json.loads((cut / "metrics" / "train.json").read_text())["resumed_from_step"] == 0
+
+
+@pytest.mark.slow
+def test_pipeline_lora_on_a_pretrained_model_the_pipeline_made(workspace, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from codex_ml import modeling
+    from codex_ml.training import pipeline
+
+    torch.manual_seed(0)
+    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
+    base = tmp_path / "base"
+    modeling.build(params().model, tok, 32).save_pretrained(base)
+    tok.save_pretrained(base)
+    p = params(model=dict(init="pretrained", base=str(base),
+                          lora=dict(enabled=True, r=4, target_modules=["q_proj", "v_proj"],
+                                    merge=True)),
+               train=dict(max_steps=6, eval_every=3, save_every=3))
+    paths = pipeline.Paths(splits=workspace / "data" / "splits", tokenizer=tmp_path / "unused",
+                           out=tmp_path / "model", checkpoints=tmp_path / "ck",
+                           live=tmp_path / "live", lock=ROOT / "requirements.lock")
+    m = pipeline.run(p, paths)
+    assert m["steps"] == 6 and m["trainable_params"] < m["params"] / 5
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                        tmp_path / "model" / "adapter").eval()
+    x = torch.randint(4, len(tok), (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, adapted(input_ids=x).logits,
+                                   rtol=1e-4, atol=1e-4)
