@@ -29,7 +29,9 @@ DEFAULT_STDLIB_EXCLUDE = ["site-packages/**", "dist-packages/**", "test/**", "**
 
 
 class StdlibSource(Strict):
-    kind: Literal["python-stdlib"]
+    """The running Python's standard library, or with python-site-packages its installed packages
+    (the current environment's purelib): offline corpora every machine has."""
+    kind: Literal["python-stdlib", "python-site-packages"]
     name: str = "stdlib"
     include: list[str] = ["**/*.py"]
     exclude: list[str] = DEFAULT_STDLIB_EXCLUDE
@@ -281,7 +283,8 @@ def _format(err: ValidationError, path: str) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in (
-            "python-stdlib", "directory", "jsonl", "csv", "parquet", "hf-dataset")))
+            "python-stdlib", "python-site-packages", "directory", "jsonl", "csv", "parquet",
+            "hf-dataset")))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _allowed(loc)

@@ -202,8 +202,9 @@ def _hf_docs(src: HFDatasetSource, max_bytes: int, skips: Skips) -> Iterator[dic
 
 
 def source_docs(src, cfg: Ingest, skips: Skips) -> Iterator[dict]:
-    if src.kind == "python-stdlib":
-        return _file_docs(src, Path(sysconfig.get_paths()["stdlib"]), cfg.max_file_bytes, skips)
+    if src.kind in ("python-stdlib", "python-site-packages"):
+        root = sysconfig.get_paths()["stdlib" if src.kind == "python-stdlib" else "purelib"]
+        return _file_docs(src, Path(root), cfg.max_file_bytes, skips)
     if src.kind == "directory":
         root = Path(src.path)
         if not root.is_dir():
