@@ -10,7 +10,7 @@ from codex_ml.params import Lora, Model, Train
 from codex_ml.stage import UserError
 from codex_ml.training import engine
 
-from test_training import make_tokenizer, stdlib_texts
+from test_training import make_tokenizer, one_thread, stdlib_texts  # noqa: F401 (autouse fixture)
 
 TINY = Model(n_layers=2, hidden_size=32, n_heads=4, n_kv_heads=2, intermediate_size=64,
              context_length=32)
