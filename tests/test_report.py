@@ -61,9 +61,9 @@ def run_dir(tmp_path_factory):
     live = Live(str(m / "train"), dvcyaml=False, save_dvc_exp=False)
     for step in range(1, 4):
         live.step = step
-        live.log_metric("train/loss", 6.0 - step * 0.1)
-        live.log_metric("train/learning_rate", 1e-3 * step)
-        live.log_metric("train/tokens_per_s", 900.0)
+        live.log_metric("loss", 6.0 - step * 0.1)  # the names transformers' DVCLiveCallback uses
+        live.log_metric("learning_rate", 1e-3 * step)
+        live.log_metric("tokens_per_s", 900.0)
         live.log_metric("eval/loss", 6.05 - step * 0.1)
     live.end()
     model, tok = load_model(model_dir)

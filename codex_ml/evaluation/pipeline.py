@@ -106,7 +106,7 @@ def evaluate_model(model, tok, splits_dir: str | Path, out_dir: Path, p: Params)
         resamples=e.bootstrap, seed=p.seed)
 
     t1 = time.perf_counter()
-    preds = completion.generate(model, tok, prompts, e.completion.max_new_tokens, ctx, e.batch_size)
+    preds = completion.generate(model, tok, prompts, e.completion.max_new_tokens, ctx)
     refs = [completion.reference(tok, r, e.completion.max_new_tokens) for r in rests]
     comp, per = completion.score(preds, refs)
     if per:
@@ -123,6 +123,11 @@ def evaluate_model(model, tok, splits_dir: str | Path, out_dir: Path, p: Params)
             f.write(json.dumps({"id": src["id"], "path": src["path"], "prompt": prompt,
                                 "prediction": pred, "reference": ref,
                                 "next_line": ref.split("\n", 1)[0], "scores": sc}) + "\n")
+
+    # The bar chart `dvc plots show` draws (template bar_horizontal, x: bits_per_byte, y: system).
+    io.write_json(out_dir / "bits_per_byte.json", [
+        {"system": name, "bits_per_byte": v[0], "ci_low": v[1], "ci_high": v[2]}
+        for name, v in (("model", cis["bits_per_byte"]), ("gzip -9", cis["gzip"]), ("xz -9", cis["xz"]))])
 
     loss = cis["loss"]
     return {

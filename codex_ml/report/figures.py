@@ -10,6 +10,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# transformers' DVCLiveCallback logs the running train loss as "loss", validation as "eval/loss",
+# and the Trainer's end-of-run average as "train/loss" (one point).
+LABELS = {"loss": "train", "eval/loss": "validation", "train/loss": "train, run mean",
+          "learning_rate": "learning rate", "tokens_per_s": "tokens/s"}
 COLORS = {"model": "#3b6fb6", "gzip -9": "#9a9a9a", "xz -9": "#6b6b6b"}
 
 
@@ -32,7 +36,7 @@ def training_curves(curves: dict, path: Path) -> bool:
     for ax, (title, keys) in zip(axes[0], panels):
         for k in sorted(keys):
             xs, ys = zip(*curves[k]) if curves[k] else ((), ())
-            ax.plot(xs, ys, marker="o" if len(xs) < 15 else None, ms=3, label=k)
+            ax.plot(xs, ys, marker="o" if len(xs) < 15 else None, ms=3, label=LABELS.get(k, k))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
