@@ -256,7 +256,8 @@ def comparison_section(c: dict) -> str:
                 verdict = "**better**" if (b > a) == d else "**worse**"
             arrow = "↑" if d else "↓" if d is False else ""
             rel = f" ({(b - a) / abs(a):+.1%})" if a else ""
-            rows.append([label + (f" {arrow}" if arrow else ""), a, b, f"{b - a:+.4g}{rel}", verdict])
+            change = "–" if verdict == "same" else f"{b - a:+.4g}{rel}"
+            rows.append([label + (f" {arrow}" if arrow else ""), a, b, change, verdict])
     out = [f"Against `{ref}` (↑ higher is better, ↓ lower is better; counts and timings are neutral).\n\n"]
     out.append(table(["metric", ref, "now", "change", "verdict"], rows) if rows else
                f"{NA}: no committed metrics at `{ref}` to compare with.\n")
