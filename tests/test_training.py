@@ -251,7 +251,7 @@ def test_pipeline_lora_on_a_pretrained_model_the_pipeline_made(workspace, tmp_pa
                           lora=dict(enabled=True, r=4, target_modules=["q_proj", "v_proj"],
                                     merge=True)),
                train=dict(max_steps=6, eval_every=3, save_every=3))
-    paths = pipeline.Paths(splits=workspace / "data" / "splits", tokenizer=tmp_path / "unused",
+    paths = pipeline.Paths(splits=workspace / "data" / "splits", tokenizer=base,
                            out=tmp_path / "model", checkpoints=tmp_path / "ck",
                            live=tmp_path / "live", lock=ROOT / "requirements.lock")
     m = pipeline.run(p, paths)

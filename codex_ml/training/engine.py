@@ -106,13 +106,13 @@ class FinalEvalSave(TrainerCallback):
 
 
 def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision: str,
-                  compiled: bool, max_steps: int):
+                  compiled: bool, max_steps: int, wrap: list[str] | None = None):
     from transformers import TrainingArguments
 
     fsdp = {}
     if t.distributed == "fsdp" and world()[1] > 1:
         fsdp = dict(fsdp="full_shard auto_wrap",
-                    fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+                    fsdp_config={"transformer_layer_cls_to_wrap": wrap or ["LlamaDecoderLayer"]})
     sched_kwargs = {"min_lr_rate": 0.1} if t.scheduler == "cosine_with_min_lr" else {}
     return TrainingArguments(
         output_dir=str(out_dir),
@@ -161,7 +161,8 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     precision, compiled = resolve_precision(t.precision), resolve_compile(t.compile)
     out_dir = Path(out_dir)
     set_seed(seed)
-    args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps)
+    wrap = getattr(getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None)
+    args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, wrap)
     tokens_per_step = per_step * t.block_size
 
     cbs = [FinalEvalSave(), checkpoints.Keeper(fingerprint, t.keep_checkpoints),

@@ -70,10 +70,9 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
     manifest = read_manifest(paths.splits)
     m, t = p.model, p.train
 
-    tok_dir = Path(m.base) if m.init == "pretrained" and Path(m.base).is_dir() else (
-        m.base if m.init == "pretrained" else paths.tokenizer)
-    tokenizer = modeling.load_tokenizer(tok_dir, m.trust_remote_code)
-    tok_hash = tokenizer_hash(Path(tok_dir)) if Path(tok_dir).is_dir() else str(tok_dir)
+    # With init: pretrained, train_tokenizer has copied the base model's own tokenizer here.
+    tokenizer = modeling.load_tokenizer(paths.tokenizer, m.trust_remote_code)
+    tok_hash = tokenizer_hash(paths.tokenizer)
     fp = fingerprint_of(p, manifest, tok_hash)
 
     train_blocks = pack_split(paths.splits, "train", tokenizer, t.block_size)
