@@ -36,13 +36,17 @@ def load_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None):
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else model_dir
     try:
         tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # tokenizers raises bare Exceptions for damaged files: all are bad input
         raise UserError(f"cannot load a tokenizer from {tok_dir}: {str(e).splitlines()[0]}; "
                         "pass --tokenizer DIR") from None
     tok.model_max_length = 1 << 30  # we window long documents ourselves; silence the length warning
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
-                                                 dtype=torch.float32).to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
+                                                     dtype=torch.float32).to(device).eval()
+    except Exception as e:  # truncated safetensors, garbage config.json, unknown architecture
+        raise UserError(f"cannot load a causal LM from {model_dir}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if len(tok) > model.get_input_embeddings().num_embeddings:
         raise UserError(f"tokenizer in {tok_dir} has {len(tok)} tokens but the model's embedding has "
                         f"{model.get_input_embeddings().num_embeddings}: they do not belong together")

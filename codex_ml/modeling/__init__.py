@@ -19,7 +19,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # tokenizers raises bare Exceptions for damaged files: all are bad input
         raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]} "
                         "(run train_tokenizer, or point model.base at a model directory)") from None
     if tok.eos_token_id is None:
@@ -52,7 +52,7 @@ def load_pretrained(base: str, trust_remote_code: bool = False, dtype=None):
     try:
         return AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code,
                                                     dtype=dtype or torch.float32)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # truncated safetensors, garbage config.json, unknown architecture
         raise UserError(f"model.base = {base!r}: cannot load a causal LM: {str(e).splitlines()[0]} "
                         "(a local model directory, or a hub id when a network is there)") from None
 

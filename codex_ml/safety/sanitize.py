@@ -13,6 +13,7 @@ from .. import io
 from ..params import Sanitize
 from .filters import ExactDedup, NearDedup, quality_reason
 from .policy import build_rules, load_policy
+from ..stage import UserError
 from .redact import Redactor
 
 QUALITY_REASONS = ("too_short", "long_line", "low_alnum")
@@ -81,7 +82,10 @@ def sanitize_table(input_dir: str | Path, output_dir: str | Path, cfg: Sanitize,
                    shard_bytes: int = 256 << 20) -> dict:
     """Stream `<input_dir>/<name>*.parquet` through a Sanitizer into `output_dir` atomically."""
     sanitizer = Sanitizer(cfg)
-    total = sum(pq.ParquetFile(p).metadata.num_rows for p in io.shard_paths(input_dir, name))
+    try:
+        total = sum(pq.ParquetFile(p).metadata.num_rows for p in io.shard_paths(input_dir, name))
+    except Exception as e:  # pyarrow's errors for a damaged footer vary; any of them means corrupt
+        raise UserError(f"corrupt Parquet input in {input_dir}: {str(e).splitlines()[0]}") from None
     t0 = time.perf_counter()
     with io.atomic_dir(output_dir) as tmp:
         writer = io.ShardWriter(tmp, name, shard_bytes=shard_bytes)
@@ -92,6 +96,11 @@ def sanitize_table(input_dir: str | Path, output_dir: str | Path, cfg: Sanitize,
                     if out is not None:
                         writer.add(out)
                 bar.update(batch.num_rows)
+        if sanitizer.docs_out == 0:
+            dropped = {k: v for k, v in sanitizer.dropped.items() if v}
+            raise UserError(f"sanitize kept no documents of {sanitizer.docs_in} (dropped: {dropped}); "
+                            "loosen sanitize.min_chars / max_line_length / min_alnum_fraction or "
+                            "the policy's block rules")
         writer.close()
     m = sanitizer.metrics()
     m["seconds"] = round(time.perf_counter() - t0, 2)
