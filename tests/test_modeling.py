@@ -88,3 +88,14 @@ def test_lora_trains_only_adapters_loads_back_and_merges(base_dir, blocks, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(merged(input_ids=x).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_samples_reproducibly_and_a_missing_model_is_a_clear_error(base_dir, tmp_path):
+    from codex_ml.modeling.generate import generate, load
+
+    model, tok = load(base_dir)
+    a = generate(model, tok, "def f(", max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+    assert a == generate(model, tok, "def f(", max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+    assert isinstance(generate(model, tok, "x = ", max_new_tokens=4, temperature=0), str)
+    with pytest.raises(UserError, match="no trained model"):
+        load(tmp_path / "missing")
