@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--skip", type=int, default=50, help="steps excluded from timing (compile, warm-up)")
     ap.add_argument("--variants", default="baseline,engine",
-                    help="comma list: baseline, engine, engine-nofuse (engine without fused kernels)")
+                    help="comma list: baseline, engine, engine-nofuse (the engine with train.fused_kernels off)")
     ap.add_argument("--out", default="bench/out/train_gpu.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU to check the code")
     args = ap.parse_args()

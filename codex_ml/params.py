@@ -218,6 +218,11 @@ class Train(Strict):
     max_grad_norm: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
+    # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without
+    # materialising the logits): auto = on with a CUDA GPU when liger-kernel is installed.
+    fused_kernels: Literal["auto", "on", "off"] = "auto"
+    # Wall-clock budget: stop (evaluate and save) after this many seconds even before max_steps.
+    max_time_s: float | None = Field(None, gt=0)
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(16, ge=1)
     early_stopping_patience: int = Field(0, ge=0)  # 0 disables

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-GPU_ONLY = re.compile(r"^(nvidia-(?!ml-py)|cuda-|triton\b)")
+GPU_ONLY = re.compile(r"^(nvidia-(?!ml-py)|cuda-|triton\b|liger-kernel)")
 LOCAL_WHEELS = os.environ.get("CODEX_LOCAL_WHEELS", "/opt/wheels")
 
 

@@ -44,6 +44,24 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def resolve_fused(mode: str) -> bool:
+    """Liger kernels need Triton on a CUDA GPU; `on` without them is a clear error, not a crash."""
+    if mode == "off" or not torch.cuda.is_available():
+        if mode == "on" and not torch.cuda.is_available():
+            from ..stage import UserError
+            raise UserError("train.fused_kernels = on needs a CUDA GPU (Triton kernels); use auto or off")
+        return False
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        if mode == "on":
+            from ..stage import UserError
+            raise UserError("train.fused_kernels = on needs the liger-kernel package; "
+                            "pip install liger-kernel, or use auto/off") from None
+        return False
+    return True
+
+
 def resolve_compile(mode: str) -> bool:
     # Off on CPU: bench/bench_train_cpu.py --compile measured no gain on the default model
     # (5.3k vs 5.8k tokens/s eager, before counting compile time).
@@ -66,6 +84,7 @@ class Result:
     precision: str
     compiled: bool
     world_size: int
+    fused_kernels: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +116,22 @@ class Throughput(TrainerCallback):
         self.t0, self.step0 = time.perf_counter(), state.global_step
 
 
+class TimeBudget(TrainerCallback):
+    """train.max_time_s: stop after a wall-clock budget, evaluating and saving the last step."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.t0 = seconds, None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if time.perf_counter() - self.t0 >= self.seconds:
+            log.info("train.max_time_s = %s reached at step %d: stopping", self.seconds,
+                     state.global_step)
+            control.should_training_stop = control.should_evaluate = control.should_save = True
+
+
 class FinalEvalSave(TrainerCallback):
     """Evaluate and checkpoint at the last step too: the card reports the final weights' val loss,
     and a rerun after a crash while writing the output resumes at the end instead of redoing it."""
@@ -107,7 +142,7 @@ class FinalEvalSave(TrainerCallback):
 
 
 def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision: str,
-                  compiled: bool, max_steps: int, wrap: list[str] | None = None):
+                  compiled: bool, max_steps: int, fused: bool = False, wrap: list[str] | None = None):
     from transformers import TrainingArguments
 
     fsdp = {}
@@ -130,6 +165,13 @@ def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision
         report_to="none", seed=seed, data_seed=seed, full_determinism=False,
         bf16=precision == "bf16", fp16=precision == "fp16",
         torch_compile=compiled, use_cpu=not torch.cuda.is_available(),
+        # A compiled model hides forward()'s signature, from which the Trainer infers the label
+        # names; without them evaluation computes no loss.
+        label_names=["labels"],
+        # On a GPU: fused AdamW (one kernel for all parameters), TF32 matmuls for what stays fp32.
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        tf32=True if torch.cuda.is_available() else None,
+        use_liger_kernel=fused,
         dataloader_num_workers=t.num_workers, dataloader_drop_last=True,
         ddp_find_unused_parameters=False, disable_tqdm=not is_main() or None,
         **fsdp,
@@ -163,13 +205,17 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     out_dir = Path(out_dir)
     set_seed(seed)
     wrap = getattr(getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None)
-    args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, wrap)
+    fused = resolve_fused(t.fused_kernels)
+    args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, fused=fused,
+                         wrap=wrap)
     tokens_per_step = per_step * t.block_size
 
     cbs = [FinalEvalSave(), checkpoints.Keeper(fingerprint, t.keep_checkpoints),
            Throughput(tokens_per_step, live)]
     if live is not None:
         cbs.append(DVCLiveCallback(live=live))
+    if t.max_time_s:
+        cbs.append(TimeBudget(t.max_time_s))
     if t.early_stopping_patience:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     cbs += callbacks or []
@@ -193,7 +239,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         best_val_loss=min(h["eval_loss"] for h in evals) if evals else None,
         resumed_from=str(resume_from) if resume_from else None,
         stopped_early=st.global_step < max_steps, precision=precision, compiled=compiled,
-        world_size=ws)
+        world_size=ws, fused_kernels=fused)
     if res.final_val_loss is not None and not math.isfinite(res.final_val_loss):
         log.warning("val loss is %s: training diverged (lower train.lr?)", res.final_val_loss)
     return trainer, res
