@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--skip", type=int, default=50, help="steps excluded from timing (compile, warm-up)")
     ap.add_argument("--variants", default="baseline,engine",
-                    help="comma list: baseline, engine, engine-nofuse (the engine with train.fused_kernels off)")
+                    help="comma list: baseline, engine (defaults), engine-liger (train.fused_kernels on)")
     ap.add_argument("--out", default="bench/out/train_gpu.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU to check the code")
     args = ap.parse_args()
@@ -149,12 +149,16 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        if v == "baseline":
-            r = baseline(model, blocks, args.steps, args.batch, args.lr, seed, args.warmup)
-        else:
-            overrides = {"fused_kernels": "off"} if v == "engine-nofuse" else {}
-            r = run_engine(model, blocks, val, args.steps, args.batch, args.lr, seed, args.warmup,
-                           Path(f"/tmp/bench_engine_{v}"), overrides)
+        try:
+            if v == "baseline":
+                r = baseline(model, blocks, args.steps, args.batch, args.lr, seed, args.warmup)
+            else:
+                overrides = {"fused_kernels": "on"} if v == "engine-liger" else {}
+                r = run_engine(model, blocks, val, args.steps, args.batch, args.lr, seed,
+                               args.warmup, Path(f"/tmp/bench_engine_{v}"), overrides)
+        except Exception as e:  # one variant failing must not lose the others' numbers
+            print(f"{v}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            continue
         step_s = steady(r["step_times"], args.skip)
         tps = args.batch * args.seq / step_s
         r.update(variant=v, wall_s=round(time.perf_counter() - t0, 1), tokens_per_s=round(tps),

@@ -45,8 +45,10 @@ def resolve_precision(precision: str) -> str:
 
 
 def resolve_fused(mode: str) -> bool:
-    """Liger kernels need Triton on a CUDA GPU; `on` without them is a clear error, not a crash."""
-    if mode == "off" or not torch.cuda.is_available():
+    """Liger kernels need Triton on a CUDA GPU; `on` without them is a clear error, not a crash.
+    `auto` leaves them off: on torch 2.11 + liger-kernel 0.8.5 (H200, 2026-11-29) torch.compile
+    fails on Liger's fused linear cross-entropy, and compile is the measured win."""
+    if mode in ("off", "auto") or not torch.cuda.is_available():
         if mode == "on" and not torch.cuda.is_available():
             from ..stage import UserError
             raise UserError("train.fused_kernels = on needs a CUDA GPU (Triton kernels); use auto or off")
@@ -206,6 +208,10 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     set_seed(seed)
     wrap = getattr(getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None)
     fused = resolve_fused(t.fused_kernels)
+    if fused and compiled:
+        log.warning("train.fused_kernels = on: torch.compile is turned off (it cannot trace Liger's "
+                    "fused cross-entropy on this torch)")
+        compiled = False
     args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, fused=fused,
                          wrap=wrap)
     tokens_per_step = per_step * t.block_size

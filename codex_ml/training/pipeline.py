@@ -99,9 +99,14 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
 
     live = None
     if rank == 0:
-        from dvclive import Live
-        # resume=True keeps the curves of the interrupted run; a fresh run starts them over.
-        live = Live(str(paths.live), dvcyaml=False, save_dvc_exp=False, resume=bool(resume_from))
+        try:
+            from dvclive import Live
+            # resume=True keeps the curves of the interrupted run; a fresh run starts them over.
+            live = Live(str(paths.live), dvcyaml=False, save_dvc_exp=False,
+                        resume=bool(resume_from))
+        except ImportError as e:  # an environment not built from requirements.lock (dvc missing)
+            log.warning("dvclive unavailable (%s): training without live metrics", e)
+    if live is not None:
         if not torch.cuda.is_available():
             # With pynvml installed but no driver, dvclive's sampler fails before it records the
             # CPU/RAM figures too; tell it there is no GPU.
@@ -118,6 +123,7 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
         "tokens_per_s": res.tokens_per_s, "train_wall_s": res.wall_s,
         "params": total, "trainable_params": trainable, "resumed_from_step": res.start_step,
         "stopped_early": res.stopped_early, "precision": res.precision, "world_size": ws,
+        "compiled": res.compiled, "fused_kernels": res.fused_kernels,
     }
     if rank == 0:
         save(trainer.model if ws == 1 else trainer.accelerator.unwrap_model(trainer.model),
