@@ -18,6 +18,11 @@ from .stage import UserError
 PARAMS_FILE = "params.yaml"
 
 
+# YAML 1.1 reads a bare `on`/`off` as true/false; accept both spellings.
+OnOff = Annotated[Literal["auto", "on", "off"],
+                  BeforeValidator(lambda v: ("on" if v else "off") if isinstance(v, bool) else v)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -217,10 +222,10 @@ class Train(Strict):
     max_steps: int = Field(500, ge=1)
     max_grad_norm: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: Literal["auto", "on", "off"] = "auto"
+    compile: OnOff = "auto"
     # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without
     # materialising the logits): auto = on with a CUDA GPU when liger-kernel is installed.
-    fused_kernels: Literal["auto", "on", "off"] = "auto"
+    fused_kernels: OnOff = "auto"
     # Wall-clock budget: stop (evaluate and save) after this many seconds even before max_steps.
     max_time_s: float | None = Field(None, gt=0)
     eval_every: int = Field(100, ge=1)

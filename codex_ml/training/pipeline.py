@@ -92,6 +92,10 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
     if ws > 1:  # everyone resumes from what rank 0 chose (it may have removed stale ones)
         import torch.distributed as dist
         if not dist.is_initialized():
+            if torch.cuda.is_available():
+                # One GPU per rank before NCCL starts; otherwise every rank sits on cuda:0 and
+                # NCCL refuses the collective ("invalid usage"), as seen on 2 x H200.
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         box = [str(resume_from) if resume_from else None]
         dist.broadcast_object_list(box, src=0)
