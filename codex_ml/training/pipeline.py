@@ -129,14 +129,20 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
         "stopped_early": res.stopped_early, "precision": res.precision, "world_size": ws,
         "compiled": res.compiled, "fused_kernels": res.fused_kernels,
     }
+    state = None
+    if ws > 1 and t.distributed == "fsdp":
+        # Sharded parameters: every rank must take part in gathering the full state dict (a plain
+        # unwrap on rank 0 reads freed shard storage: "invalid python storage", 2 x H200).
+        state = trainer.accelerator.get_state_dict(trainer.model)
     if rank == 0:
         save(trainer.model if ws == 1 else trainer.accelerator.unwrap_model(trainer.model),
-             tokenizer, p, manifest, metrics, paths, ws)
+             tokenizer, p, manifest, metrics, paths, ws, state_dict=state)
     metrics["wall_s"] = round(time.perf_counter() - t0, 1)
     return metrics
 
 
-def save(model, tokenizer, p: Params, manifest: dict, metrics: dict, paths: Paths, ws: int) -> None:
+def save(model, tokenizer, p: Params, manifest: dict, metrics: dict, paths: Paths, ws: int,
+         state_dict: dict | None = None) -> None:
     prov = provenance.provenance(p.seed, ws, paths.lock)
     lora = p.model.lora.enabled
     with io.atomic_dir(paths.out) as d:
@@ -147,7 +153,7 @@ def save(model, tokenizer, p: Params, manifest: dict, metrics: dict, paths: Path
             else:  # the adapter at the top: AutoModelForCausalLM loads it through peft
                 model.save_pretrained(d)
         else:
-            model.save_pretrained(d)
+            model.save_pretrained(d, state_dict=state_dict)
         tokenizer.save_pretrained(d)
         io.write_json(d / "provenance.json", prov)
         params = {"seed": p.seed, "model": p.model.model_dump(), "train": p.train.model_dump(),
