@@ -2,6 +2,8 @@
 PY       ?= python3
 VENV     ?= .venv
 BIN      := $(VENV)/bin
+# dvc.yaml's commands say `python stages/...`: that must be the virtualenv's python.
+export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1

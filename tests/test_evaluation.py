@@ -198,8 +198,10 @@ def test_bleu_and_chrf_equal_sacrebleu():
 def test_make_prompt_whole_lines_and_nonblank_next():
     text = "a = 1\nb = 2\n\n\nc = 3\nd = 4\n"
     prompt, rest = completion.make_prompt(text, 2)
-    assert prompt == "a = 1\nb = 2\n\n\n" and rest.startswith("c = 3")
+    assert prompt == "a = 1\nb = 2\n\n" and rest.startswith("c = 3")  # last break left to the model
     assert completion.make_prompt("a\nb\n", 2) is None
+    assert completion.make_prompt("a\r\nb\r\nc\r\n", 2) == ("a\r\nb", "c\r\n")
+    assert completion.heal("\n    return x") == "    return x" and completion.heal("x") == "x"
 
 
 def test_evaluate_outputs(tiny, tmp_path):

@@ -22,14 +22,32 @@ METRICS_DIR = Path(__file__).parent / "metrics"
 
 
 def make_prompt(text: str, prompt_lines: int) -> tuple[str, str] | None:
-    """Split a document into (prompt, rest) at a line boundary, or None when it is too short."""
+    """Split a document into (prompt, rest) at a line boundary, or None when it is too short.
+
+    The prompt's final line break is left for the model to write: the tokenizer merges a newline
+    with the next line's indentation ("\n    "), so a prompt that ends in a bare "\n" token is
+    one the model never saw in training and derails it. `heal` strips that break from the
+    generation again before scoring against `rest`."""
     lines = text.splitlines(keepends=True)
     k = prompt_lines
     while k < len(lines) and not lines[k].strip():
         k += 1
     if k >= len(lines):
         return None
-    return "".join(lines[:k]), "".join(lines[k:])
+    prompt = "".join(lines[:k])
+    return prompt[: len(prompt) - len(_line_break(prompt))], "".join(lines[k:])
+
+
+def _line_break(s: str) -> str:
+    return "\r\n" if s.endswith("\r\n") else s[-1:] if s[-1:] in ("\n", "\r") else ""
+
+
+def heal(prediction: str) -> str:
+    """Drop the line break the prompt left off (see make_prompt)."""
+    for nl in ("\r\n", "\n", "\r"):
+        if prediction.startswith(nl):
+            return prediction[len(nl):]
+    return prediction
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, context: int,

@@ -110,7 +110,8 @@ def evaluate_model(model, tok, splits_dir: str | Path, out_dir: Path, p: Params)
         resamples=e.bootstrap, seed=p.seed)
 
     t1 = time.perf_counter()
-    preds = completion.generate(model, tok, prompts, e.completion.max_new_tokens, ctx)
+    preds = [completion.heal(x) for x in
+             completion.generate(model, tok, prompts, e.completion.max_new_tokens, ctx)]
     refs = [completion.reference(tok, r, e.completion.max_new_tokens) for r in rests]
     comp, per = completion.score(preds, refs)
     if per:
