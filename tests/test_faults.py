@@ -41,23 +41,24 @@ def test_kill9_at_random_points_then_rerun_completes(tmp_path):
     stages = dvc(repo, "stage", "list", "--name-only").stdout.split()
     rng = random.Random(1234)
     kills = 0
-    for i in range(6):
-        # Invalidate everything so each round runs the whole pipeline again.
-        (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace(
-            f"seed: {1337 + i}", f"seed: {1338 + i}"))
-        (repo / "codex_ml/stage.py").write_text((repo / "codex_ml/stage.py").read_text() + "\n#\n")
+    for i in range(5):
+        # Touch one stage's script: that stage and everything downstream of it reruns, and the
+        # kill lands at a random moment inside that stretch of the pipeline.
+        s = rng.choice(stages)
+        script = repo / "stages" / f"{s}.py"
+        script.write_text(script.read_text() + f"\n# round {i}\n")
+        left = stages[stages.index(s):]
         p = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-        time.sleep(rng.uniform(0.3, max(1.0, full * 0.9)))
+        time.sleep(rng.uniform(0.5, max(1.0, full * len(left) / len(stages))))
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             kills += 1
         p.wait()
         assert cache_is_intact(repo) > 0
         # A rerun after the kill always completes and leaves dvc status truthful.
-        out = dvc(repo, "repro").stdout
-        assert "Running stage" in out or "didn't change" in out
+        dvc(repo, "repro")
         outputs_match_lock(repo)
         assert cache_is_intact(repo) > 0
         leftovers = [p.name for d in ("data", "models") if (repo / d).exists()
