@@ -60,7 +60,7 @@ def test_tokenizer_param_reruns_tokenizer_and_after_only(repo):
 def test_two_fresh_runs_are_identical(repo, tmp_path):
     """Same data, params and seed on CPU: identical dvc.lock hashes for data and tokenizer outputs
     and identical model weights."""
-    set_params(repo, {"tokenizer": {"vocab_size": 400}})  # back to the SMALL profile's value
+    git(repo, "checkout", "params.yaml")  # the committed first run's params (exp run changed lr)
     dvc(repo, "repro")
     other = make_repo(tmp_path)
     dvc(other, "repro", "train_model")
