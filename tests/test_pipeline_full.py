@@ -68,3 +68,25 @@ def test_two_fresh_runs_are_identical(repo, tmp_path):
     for path in DATA_OUTS:
         assert a[path] == b[path], path
     assert weights_hash(repo) == weights_hash(other)
+
+
+def test_queued_experiments_run_in_parallel_workers(repo):
+    """`dvc exp run --queue` + `dvc queue start -j 2`: each queued run works in a copy holding only
+    what git and DVC track, so this passes only if every stage's inputs are tracked."""
+    import time
+
+    git(repo, "checkout", "params.yaml")
+    for lr in ("0.002", "0.004"):
+        dvc(repo, "exp", "run", "--queue", "-S", f"train.lr={lr}", "-n", f"q-{lr}")
+    dvc(repo, "queue", "start", "-j", "2")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = dvc(repo, "queue", "status").stdout
+        if "Running" not in status and "Queued" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") >= 2, status
+    shown = dvc(repo, "exp", "show", "--json").stdout
+    for lr in ("0.002", "0.004"):
+        assert f"q-{lr}" in shown
+    dvc(repo, "queue", "stop", check=False)
