@@ -7,15 +7,6 @@ printf "model: {n_layers: 12, hidden_size: 768, n_heads: 12, n_kv_heads: 12, int
 python3 tools/profile.py /tmp/b.yaml || exit 1
 for s in ingest sanitize split train_tokenizer; do stage $s; done
 cp params.yaml /tmp/base.yaml
-ddp() {  # NAME DEVICES DIST STEPS
-  cp /tmp/base.yaml params.yaml
-  printf "train: {devices: %s, batch_size: 16, distributed: %s, max_steps: %s}\n" "$2" "$3" "$4" > /tmp/o.yaml
-  python3 tools/profile.py /tmp/o.yaml >/dev/null; rm -rf models/checkpoints
-  local t0=$(date +%s)
-  python3 stages/train_model.py --out /tmp/m_$1 --metrics $OUT/train_$1.json > $OUT/log_$1.txt 2>&1
-  echo "$1: rc=$? wall=$(( $(date +%s) - t0 ))s $(python3 -c "import json;m=json.load(open('$OUT/train_$1.json'));print('tokens/s', m['tokens_per_s'], 'world', m['world_size'], 'steps', m['steps'], 'loss', round(m['final_train_loss'],3), 'params', m['params'])" 2>&1 | tail -n 1)"
-  [ -f $OUT/train_$1.json ] || grep -E "Error" $OUT/log_$1.txt | grep -v "^W1129" | tail -n 3
-}
 ddp g1 1 ddp 80
 ddp g2 2 ddp 80
 ddp fsdp 2 fsdp 20

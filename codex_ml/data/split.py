@@ -7,7 +7,7 @@ import json
 import posixpath
 from pathlib import Path
 
-from ..io import ShardWriter, iter_rows, sha256_file
+from ..io import ShardWriter, iter_rows, sha256_file, sha256_text
 from ..params import Split
 from ..stage import UserError
 
@@ -54,7 +54,7 @@ def split(in_dir: Path, out_dir: Path, cfg: Split, seed: int, shard_bytes: int) 
             s: {
                 "documents": len(ids[s]),
                 "bytes": nbytes[s],
-                "ids_sha256": hashlib.sha256("\n".join(sorted(ids[s])).encode()).hexdigest(),
+                "ids_sha256": sha256_text("\n".join(sorted(ids[s]))),
                 "files": {f.name: sha256_file(f) for f in files[s]},
             }
             for s in SPLITS
@@ -65,5 +65,5 @@ def split(in_dir: Path, out_dir: Path, cfg: Split, seed: int, shard_bytes: int) 
     canon = json.dumps({"params": manifest["params"],
                         "ids": {s: manifest["splits"][s]["ids_sha256"] for s in SPLITS}},
                        sort_keys=True)
-    manifest["dataset_version"] = hashlib.sha256(canon.encode()).hexdigest()[:16]
+    manifest["dataset_version"] = sha256_text(canon)[:16]
     return manifest
