@@ -47,11 +47,12 @@ def make_model(tok, shape: dict, seed: int):
 
 
 def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
-             warmup: int) -> dict:
+             warmup: int, mode: str = "default") -> dict:
     """The plain loop: bf16 autocast, torch.compile, fused AdamW, no framework."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(dev).train()
-    cmodel = torch.compile(model) if dev == "cuda" else model
+    cmodel = torch.compile(model, mode=mode) if dev == "cuda" else model
+    graphs = mode in ("reduce-overhead", "max-autotune")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -68,6 +69,8 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
         if len(idx) < batch:
             idx = order[:batch]
         x = blocks[idx].to(dev, non_blocking=True)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
             loss = cmodel(input_ids=x, labels=x).loss
         loss.backward()
@@ -121,7 +124,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--skip", type=int, default=50, help="steps excluded from timing (compile, warm-up)")
     ap.add_argument("--variants", default="baseline,engine",
-                    help="comma list: baseline, engine (defaults), engine-liger (train.fused_kernels on)")
+                    help="comma list of NAME[=key:value+key:value]: baseline (the plain loop; "
+                         "key mode = its compile mode), engine* (the engine with params' defaults, "
+                         "the given train.* keys overridden), e.g. "
+                         "engine-nocg=compile_mode:default+attention:cudnn")
     ap.add_argument("--out", default="bench/out/train_gpu.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU to check the code")
     args = ap.parse_args()
@@ -142,7 +148,9 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows = {}
-    for v in args.variants.split(","):
+    for spec in args.variants.split(","):
+        v, _, kv = spec.partition("=")
+        overrides = dict(item.split(":", 1) for item in kv.split("+") if item)
         model = make_model(tok, shape, seed)
         fpt = flops_per_token(model, args.seq)
         if torch.cuda.is_available():
@@ -150,10 +158,10 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
-            if v == "baseline":
-                r = baseline(model, blocks, args.steps, args.batch, args.lr, seed, args.warmup)
+            if v.startswith("baseline"):
+                r = baseline(model, blocks, args.steps, args.batch, args.lr, seed, args.warmup,
+                             mode=overrides.get("mode", "default"))
             else:
-                overrides = {"fused_kernels": "on"} if v == "engine-liger" else {}
                 r = run_engine(model, blocks, val, args.steps, args.batch, args.lr, seed,
                                args.warmup, Path(f"/tmp/bench_engine_{v}"), overrides)
         except Exception as e:  # one variant failing must not lose the others' numbers
@@ -161,7 +169,7 @@ def main() -> None:
             continue
         step_s = steady(r["step_times"], args.skip)
         tps = args.batch * args.seq / step_s
-        r.update(variant=v, wall_s=round(time.perf_counter() - t0, 1), tokens_per_s=round(tps),
+        r.update(variant=v, overrides=overrides, wall_s=round(time.perf_counter() - t0, 1), tokens_per_s=round(tps),
                  mfu=round(tps * fpt / H100_BF16_PEAK, 4), flops_per_token=fpt,
                  params=sum(p.numel() for p in model.parameters()),
                  peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -1,24 +1,38 @@
-# Sourced by the GPU scripts: environment for a lent GPU machine (no network, wheels carried in .whl/).
+# Sourced by the GPU scripts: environment for a lent GPU machine (no network, wheels carried in .whl/,
+# data + a 50,176-piece tokenizer made on the CPU machine carried in bench/out/gpu_data/).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1
-if [ -d .whl ]; then
+export PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1 TQDM_DISABLE=1
+if [ -d .whl ] && [ -z "${NO_WHL:-}" ]; then  # NO_WHL=1: a dry run on the CPU machine
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site
 fi
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+DATA=bench/out/gpu_data
 stage() { local s=$1; shift; echo "== $s $(date +%T)"; python3 stages/$s.py "$@" 2>&1 | tail -n 4; }
 
-# ddp NAME DEVICES DIST STEPS: the train stage on /tmp/base.yaml's params with these overrides,
-# one line of figures (tokens/s, world size, steps, loss) per run; logs and metrics go to $OUT.
+# The benchmark shape (GPT-2-small-sized Llama decoder, context 1024) as a params file; each run
+# below copies it into its own directory so runs on different GPUs never share params.yaml.
+base_params() {
+  printf "model: {n_layers: 12, hidden_size: 768, n_heads: 12, n_kv_heads: 12, intermediate_size: 2048, context_length: 1024}\ntrain: {block_size: 1024, lr: 0.0006, warmup_steps: 30, eval_every: 100000, save_every: 100000, log_every: 10, eval_batches: 2, compile: 'on'}\n" > /tmp/b.yaml
+  cp params.yaml /tmp/base.yaml && python3 tools/profile.py /tmp/b.yaml /tmp/base.yaml >/dev/null
+}
+
+# ddp NAME DEVICES DIST STEPS BATCH [COMPILE_MODE [COMPILE]]: the train stage (which relaunches
+# itself under torchrun when DEVICES > 1) in /tmp/run_NAME; its metrics and final trainer state
+# (the loss and tokens/s log) go to $OUT, one line of figures to stdout.
 ddp() {
-  cp /tmp/base.yaml params.yaml
-  printf "train: {devices: %s, batch_size: 16, distributed: %s, max_steps: %s}\n" "$2" "$3" "$4" > /tmp/o.yaml
-  python3 tools/profile.py /tmp/o.yaml >/dev/null; rm -rf models/checkpoints
+  local d=/tmp/run_$1; rm -rf $d; mkdir -p $d
+  cp -r stages codex_ml configs tools requirements.lock $d/ && cp /tmp/base.yaml $d/params.yaml
+  printf "train: {devices: %s, distributed: %s, max_steps: %s, batch_size: %s, compile_mode: %s, compile: '%s'}\n" \
+    "$2" "$3" "$4" "$5" "${6:-default}" "${7:-on}" > $d/o.yaml
   local t0=$(date +%s)
-  python3 stages/train_model.py --out /tmp/m_$1 --metrics $OUT/train_$1.json > $OUT/log_$1.txt 2>&1
-  echo "$1: rc=$? wall=$(( $(date +%s) - t0 ))s $(python3 -c "import json;m=json.load(open('$OUT/train_$1.json'));print('tokens/s', m['tokens_per_s'], 'world', m['world_size'], 'steps', m['steps'], 'loss', round(m['final_train_loss'],3), 'params', m['params'])" 2>&1 | tail -n 1)"
-  [ -f $OUT/train_$1.json ] || grep -E "Error" $OUT/log_$1.txt | grep -v "^W1129" | tail -n 3
+  ( cd $d && python3 tools/profile.py o.yaml >/dev/null &&
+    timeout ${RUN_TIMEOUT:-240} python3 stages/train_model.py --splits $OLDPWD/$DATA/splits --tokenizer $OLDPWD/$DATA/tokenizer \
+      --out $d/model --metrics $OUT/train_$1.json > $OUT/log_$1.txt 2>&1 )
+  echo "$1: rc=$? wall=$(( $(date +%s) - t0 ))s $(python3 -c "import json;m=json.load(open('$OUT/train_$1.json'));print('steady tokens/s', m['steady_tokens_per_s'], 'world', m['world_size'], 'steps', m['steps'], 'loss', round(m['final_train_loss'],3), 'mode', m['compile_mode'])" 2>&1 | tail -n 1)"
+  cp $d/models/checkpoints/checkpoint-$4/trainer_state.json $OUT/state_$1.json 2>/dev/null
+  [ -f $OUT/train_$1.json ] || grep -E "Error|error" $OUT/log_$1.txt | grep -v "^W1" | tail -n 3
 }

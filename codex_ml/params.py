@@ -224,6 +224,12 @@ class Train(Strict):
     max_grad_norm: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: OnOff = "auto"
+    # torch.compile mode; auto picks the fastest measured on an H200 (bench/RESULTS_GPU.md):
+    # reduce-overhead (CUDA graphs) on one GPU, default under DDP/FSDP.
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "auto"
+    # Scaled-dot-product attention backend tried first on a GPU; auto keeps torch's own order.
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without
     # materialising the logits): auto = on with a CUDA GPU when liger-kernel is installed.
     fused_kernels: OnOff = "auto"

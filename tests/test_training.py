@@ -166,7 +166,8 @@ def stage_dir(workspace: Path, tmp: Path, **over) -> Path:
 
 
 def stage(cwd: Path, **kw) -> subprocess.Popen:
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, str(ROOT / "stages" / "train_model.py")], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 

@@ -6,9 +6,11 @@ benchmarks call it with a model, packed blocks and a step budget.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +72,27 @@ def resolve_compile(mode: str) -> bool:
     return mode == "on" or (mode == "auto" and torch.cuda.is_available())
 
 
+def resolve_compile_mode(mode: str, ws: int) -> str:
+    """auto: CUDA graphs on one GPU (launch overhead matters at this model size); plain `default`
+    with several ranks, where DDP's gradient hooks sit inside the backward graph."""
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if torch.cuda.is_available() and ws == 1 else "default"
+
+
+def attention_backends(choice: str):
+    """The SDPA backends in priority order with `choice` first, or None for torch's own order.
+    The others stay as fallbacks, so a shape the chosen kernel rejects still runs."""
+    if choice == "auto" or not torch.cuda.is_available():
+        return None
+    from torch.nn.attention import SDPBackend as B
+    first = {"flash": B.FLASH_ATTENTION, "cudnn": B.CUDNN_ATTENTION,
+             "efficient": B.EFFICIENT_ATTENTION, "math": B.MATH}[choice]
+    rest = [b for b in (B.FLASH_ATTENTION, B.CUDNN_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH)
+            if b != first]
+    return [first, *rest]
+
+
 @dataclass
 class Result:
     steps: int
@@ -77,6 +100,9 @@ class Result:
     tokens: int
     tokens_this_run: int
     tokens_per_s: float
+    # Median of the logged intervals after the first two (compilation, CUDA-graph capture, warm-up):
+    # the rate a longer run settles at. None with fewer than three logged intervals.
+    steady_tokens_per_s: float | None
     wall_s: float
     final_train_loss: float | None
     final_val_loss: float | None
@@ -87,6 +113,7 @@ class Result:
     compiled: bool
     world_size: int
     fused_kernels: bool = False
+    compile_mode: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +136,9 @@ class Throughput(TrainerCallback):
             steps = state.global_step - self.step0
             if steps > 0:
                 logs["tokens_per_s"] = round(steps * self.tokens_per_step / (now - self.t0), 1)
+                # The Trainer appended a copy of `logs` before calling us; keep the rate in the
+                # history too (checkpoints' trainer_state.json, the steady rate in Result).
+                state.log_history[-1]["tokens_per_s"] = logs["tokens_per_s"]
             self.t0, self.step0 = now, state.global_step
         if self.live is not None:
             self.live.step = state.global_step
@@ -116,6 +146,14 @@ class Throughput(TrainerCallback):
     def on_evaluate(self, args, state, control, **kw):
         # Evaluation time is not training throughput.
         self.t0, self.step0 = time.perf_counter(), state.global_step
+
+
+class CudaGraphSteps(TrainerCallback):
+    """With CUDA graphs (compile modes reduce-overhead, max-autotune) each optimizer step is a new
+    iteration: the graphs' output buffers of the previous step may then be reused."""
+
+    def on_step_begin(self, args, state, control, **kw):
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 class TimeBudget(TrainerCallback):
@@ -144,7 +182,8 @@ class FinalEvalSave(TrainerCallback):
 
 
 def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision: str,
-                  compiled: bool, max_steps: int, fused: bool = False, wrap: list[str] | None = None):
+                  compiled: bool, max_steps: int, fused: bool = False, wrap: list[str] | None = None,
+                  compile_mode: str = "default"):
     from transformers import TrainingArguments
 
     fsdp = {}
@@ -166,7 +205,11 @@ def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision
         metric_for_best_model="eval_loss", greater_is_better=False,
         report_to="none", seed=seed, data_seed=seed, full_determinism=False,
         bf16=precision == "bf16", fp16=precision == "fp16",
-        torch_compile=compiled, use_cpu=not torch.cuda.is_available(),
+        torch_compile=compiled, torch_compile_mode=compile_mode if compiled else None,
+        use_cpu=not torch.cuda.is_available(),
+        # The Trainer's NaN filter reads the loss every step, a host sync that stalls the GPU;
+        # a NaN is better shown in the logged loss than silently averaged away.
+        logging_nan_inf_filter=False,
         # A compiled model hides forward()'s signature, from which the Trainer infers the label
         # names; without them evaluation computes no loss.
         label_names=["labels"],
@@ -212,12 +255,15 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         log.warning("train.fused_kernels = on: torch.compile is turned off (it cannot trace Liger's "
                     "fused cross-entropy on this torch)")
         compiled = False
+    compile_mode = resolve_compile_mode(t.compile_mode, ws) if compiled else None
     args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, fused=fused,
-                         wrap=wrap)
+                         wrap=wrap, compile_mode=compile_mode or "default")
     tokens_per_step = per_step * t.block_size
 
     cbs = [FinalEvalSave(), checkpoints.Keeper(fingerprint, t.keep_checkpoints),
            Throughput(tokens_per_step, live)]
+    if compile_mode in ("reduce-overhead", "max-autotune"):
+        cbs.append(CudaGraphSteps())
     if live is not None:
         cbs.append(DVCLiveCallback(live=live))
     if t.max_time_s:
@@ -229,7 +275,11 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
                       eval_dataset=Blocks(val_blocks), callbacks=cbs)
 
     t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    backends = attention_backends(t.attention)
+    # Compilation picks the attention kernel while tracing, so the choice must hold from the start.
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext():
+        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     st = trainer.state
     start_step = checkpoints.step_of(resume_from) if resume_from else 0
     evals = [h for h in st.log_history if "eval_loss" in h]
@@ -237,15 +287,18 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     losses = [h["loss"] for h in st.log_history if "loss" in h]
     run_tokens = (st.global_step - start_step) * tokens_per_step
     train_s = out.metrics.get("train_runtime") or wall
+    rates = [h["tokens_per_s"] for h in st.log_history
+             if "tokens_per_s" in h and h["step"] > start_step][2:]
     res = Result(
         steps=st.global_step, start_step=start_step, tokens=st.global_step * tokens_per_step,
         tokens_this_run=run_tokens, tokens_per_s=round(run_tokens / train_s, 1) if train_s else 0.0,
+        steady_tokens_per_s=round(statistics.median(rates), 1) if rates else None,
         wall_s=round(wall, 2), final_train_loss=losses[-1] if losses else None,
         final_val_loss=evals[-1]["eval_loss"] if evals else None,
         best_val_loss=min(h["eval_loss"] for h in evals) if evals else None,
         resumed_from=str(resume_from) if resume_from else None,
         stopped_early=st.global_step < max_steps, precision=precision, compiled=compiled,
-        world_size=ws, fused_kernels=fused)
+        world_size=ws, fused_kernels=fused, compile_mode=compile_mode)
     if res.final_val_loss is not None and not math.isfinite(res.final_val_loss):
         log.warning("val loss is %s: training diverged (lower train.lr?)", res.final_val_loss)
     return trainer, res

@@ -124,10 +124,12 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
     metrics = {
         "final_train_loss": res.final_train_loss, "final_val_loss": res.final_val_loss,
         "best_val_loss": res.best_val_loss, "steps": res.steps, "tokens": res.tokens,
-        "tokens_per_s": res.tokens_per_s, "train_wall_s": res.wall_s,
+        "tokens_per_s": res.tokens_per_s, "steady_tokens_per_s": res.steady_tokens_per_s,
+        "train_wall_s": res.wall_s,
         "params": total, "trainable_params": trainable, "resumed_from_step": res.start_step,
         "stopped_early": res.stopped_early, "precision": res.precision, "world_size": ws,
-        "compiled": res.compiled, "fused_kernels": res.fused_kernels,
+        "compiled": res.compiled, "compile_mode": res.compile_mode,
+        "fused_kernels": res.fused_kernels,
     }
     state = None
     if ws > 1 and t.distributed == "fsdp":
