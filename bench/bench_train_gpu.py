@@ -175,6 +175,8 @@ def main() -> None:
                  peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
                  if torch.cuda.is_available() else None)
         rows[v] = r
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # partial results survive a timeout
+        Path(args.out).write_text(json.dumps({"partial": True, "rows": rows}, default=str))
         print(f"{v:14s} {tps:12,.0f} tok/s  MFU {r['mfu']:.1%}  peak {r['peak_mem_gib']} GiB  "
               f"final loss {r['losses'][-1][1]:.3f}  wall {r['wall_s']}s", flush=True)
         del model
