@@ -243,6 +243,9 @@ class Train(Strict):
     log_every: int = Field(10, ge=1)
     devices: Literal["auto"] | int = "auto"
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # DDP gradient bucket size in MB (None: torch's 25); under torch.compile each bucket boundary
+    # also splits the compiled graph.
+    ddp_bucket_mb: int | None = Field(None, ge=1)
     num_workers: int = Field(0, ge=0)
 
 

@@ -56,7 +56,7 @@ def test_attention_backends_agree(workspace, tmp_path):
 @pytest.mark.skipif(gpus() < 2, reason="needs two GPUs")
 def test_ddp_two_gpus_resumes_after_kill_9_of_the_whole_job(workspace, tmp_path):
     # Not compiled: the compiled DDP path is bench/gpu_ddp.sh's; this is about resuming.
-    train = dict(max_steps=60, save_every=20, eval_every=20, devices=2, distributed="ddp",
+    train = dict(max_steps=300, save_every=20, eval_every=20, devices=2, distributed="ddp",
                  compile="off")
     ref = stage(stage_dir(workspace, tmp_path / "ref", train=train))
     out, _ = ref.communicate(timeout=600)
@@ -77,7 +77,8 @@ def test_ddp_two_gpus_resumes_after_kill_9_of_the_whole_job(workspace, tmp_path)
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log[-3000:]
     m = json.loads((cut / "metrics" / "train.json").read_text())
-    assert m["world_size"] == 2 and m["steps"] == 60 and m["resumed_from_step"] >= 20, m
+    assert m["world_size"] == 2 and m["steps"] == 300, m
+    assert 20 <= m["resumed_from_step"] < 300 and m["tokens"] > 0, m  # resumed mid-run
     # Written once, by rank 0: one model, one set of checkpoints (best 2 + latest).
     assert len(list((cut / "models" / "checkpoints").glob("checkpoint-*"))) <= 3
     # Same data order after the resume; bf16 and NCCL reductions are not bit-exact, so compare

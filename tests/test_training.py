@@ -126,6 +126,48 @@ def test_tiny_model_trains_loss_falls_and_is_deterministic(workspace, tmp_path):
         assert torch.equal(weights[0][k], weights[1][k]), k
 
 
+def test_resuming_a_checkpoint_at_max_steps_trains_nothing_and_keeps_its_weights(workspace, tmp_path):
+    """A rerun that finds the final checkpoint (killed while writing the output, or rerun after a
+    code change) must give that checkpoint's weights, not run a step past max_steps."""
+    from codex_ml import modeling
+    from codex_ml.training.data import pack_split
+
+    p = params(train=dict(max_steps=12, save_every=6, eval_every=6))
+    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
+    tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
+    va = pack_split(workspace / "data" / "splits", "val", tok, 32)
+    torch.manual_seed(p.seed)
+    first = modeling.build(p.model, tok, 32)
+    _, r1 = engine.train(first, tr, va, p.train, seed=p.seed, out_dir=tmp_path, fingerprint="f")
+    ckpt = checkpoints.find_resumable(tmp_path, "f")
+    assert ckpt.name == "checkpoint-12"
+    torch.manual_seed(p.seed + 1)
+    again = modeling.build(p.model, tok, 32)
+    _, r2 = engine.train(again, tr, va, p.train, seed=p.seed, out_dir=tmp_path, fingerprint="f",
+                         resume_from=ckpt)
+    assert (r2.steps, r2.start_step, r2.tokens_this_run) == (12, 12, 0)
+    assert r2.final_val_loss == r1.final_val_loss and r2.final_train_loss == r1.final_train_loss
+    for (k, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_bf16_training_does_not_copy_the_logits_to_fp32(workspace, tmp_path):
+    """accelerate casts every output of a mixed-precision forward to fp32: for an LM a full fp32
+    copy of the logits per step (7% of an H200 step). The engine removes that cast."""
+    from codex_ml import modeling
+    from codex_ml.training.data import pack_split
+
+    p = params(train=dict(max_steps=3, precision="bf16", save_every=1000, eval_every=1000))
+    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
+    tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
+    va = pack_split(workspace / "data" / "splits", "val", tok, 32)
+    model = modeling.build(p.model, tok, 32)
+    trainer, res = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path)
+    assert res.precision == "bf16" and res.steps == 3
+    out = trainer.model(input_ids=tr[:2], labels=tr[:2])
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+
+
 def test_incomplete_and_foreign_checkpoints_are_never_resumed(tmp_path):
     def ckpt(step, marker):
         d = tmp_path / f"checkpoint-{step}"

@@ -20,7 +20,8 @@ from .data import pack_split
 log = logging.getLogger("codex.train")
 
 # Train keys that change how a run is observed or stored, never the weights it produces.
-_OPERATIONAL = {"log_every", "save_every", "keep_checkpoints", "num_workers", "devices"}
+_OPERATIONAL = {"log_every", "save_every", "keep_checkpoints", "num_workers", "devices",
+                "ddp_bucket_mb"}
 
 
 @dataclass(frozen=True)
