@@ -73,12 +73,11 @@ def resolve_compile(mode: str) -> bool:
     return mode == "on" or (mode == "auto" and torch.cuda.is_available())
 
 
-def resolve_compile_mode(mode: str, ws: int) -> str:
-    """auto: CUDA graphs on one GPU (launch overhead matters at this model size); plain `default`
-    with several ranks, where DDP's gradient hooks sit inside the backward graph."""
-    if mode != "auto":
-        return mode
-    return "reduce-overhead" if torch.cuda.is_available() and ws == 1 else "default"
+def resolve_compile_mode(mode: str) -> str:
+    """auto = default. Measured on an H200 at GPT-2-small shape (bench/RESULTS_GPU.md): CUDA
+    graphs (reduce-overhead) and max-autotune gave no speed (the GPU, not the launches, is the
+    limit) and reduce-overhead cost 1 GiB more memory."""
+    return "default" if mode == "auto" else mode
 
 
 def attention_backends(choice: str):
@@ -272,7 +271,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         log.warning("train.fused_kernels = on: torch.compile is turned off (it cannot trace Liger's "
                     "fused cross-entropy on this torch)")
         compiled = False
-    compile_mode = resolve_compile_mode(t.compile_mode, ws) if compiled else None
+    compile_mode = resolve_compile_mode(t.compile_mode) if compiled else None
     args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, fused=fused,
                          wrap=wrap, compile_mode=compile_mode or "default")
     tokens_per_step = per_step * t.block_size
