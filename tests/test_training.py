@@ -153,7 +153,7 @@ def test_resuming_a_checkpoint_at_max_steps_trains_nothing_and_keeps_its_weights
 
 def test_bf16_training_does_not_copy_the_logits_to_fp32(workspace, tmp_path):
     """accelerate casts every output of a mixed-precision forward to fp32: for an LM a full fp32
-    copy of the logits per step (7% of an H200 step). The engine removes that cast."""
+    copy of the logits per step (about 3% of an H200 step). The engine removes that cast."""
     from codex_ml import modeling
     from codex_ml.training.data import pack_split
 
