@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/train_gpu.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU to check the code")
     args = ap.parse_args()
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("no CUDA GPU: running the tiny --cpu-smoke shape (the figures mean nothing here)")
+        args.cpu_smoke = True
 
     shape = dict(n_layers=12, hidden_size=768, n_heads=12, n_kv_heads=12, intermediate_size=2048,
                  context_length=args.seq)

@@ -1,5 +1,6 @@
 # Sourced by the GPU scripts: environment for a lent GPU machine (no network, wheels carried in .whl/,
-# data + a 50,176-piece tokenizer made on the CPU machine carried in bench/out/gpu_data/).
+# data + a 50,176-piece tokenizer made on the CPU machine by bench/gpu_data.sh, carried in
+# bench/out/gpu_data/).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1 TQDM_DISABLE=1

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU profile on one H200 (any GPU kind): profiles/gpu.yaml (site-packages corpus, 32k vocab,
+# GPT-2-small-sized model) with a training-time budget, every stage, then the report.
+#   PROFILE_TIME=240 bash bench/gpu_profile.sh     # first session: 0.596 test bits/byte
+set -uo pipefail
+source bench/gpu_common.sh
+PROFILE_TIME=${PROFILE_TIME:-240}
+python3 tools/profile.py profiles/gpu.yaml
+printf "train: {max_time_s: %s, devices: 1}\n" "$PROFILE_TIME" > /tmp/budget.yaml
+python3 tools/profile.py /tmp/budget.yaml
+for s in ingest sanitize split train_tokenizer train_model evaluate report; do stage $s; done
+mkdir -p $OUT/profile; cp metrics/*.json params.yaml $OUT/profile/; cp reports/report.md $OUT/profile/ 2>/dev/null
+git checkout params.yaml 2>/dev/null
+echo "== profile done $(date +%T)"
