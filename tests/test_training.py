@@ -332,6 +332,28 @@ def test_stage_resumes_after_kill_9_with_the_same_final_weights(workspace, tmp_p
 
 
 @pytest.mark.slow
+def test_stage_rerun_after_the_last_checkpoint_loads_it_and_keeps_the_curves(workspace, tmp_path):
+    """A rerun that finds the final checkpoint (e.g. `dvc repro -f`, or a code change) finishes
+    without training, with the same weights and the earlier live curves; it must also exit
+    (dvclive's monitor thread once kept such a run alive forever)."""
+    d = stage_dir(workspace, tmp_path)
+    first = stage(d)
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-3000:]
+    w1 = weights(d / "models" / "model")
+    curve = (d / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+    again = stage(d)
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, out[-3000:]
+    assert "nothing left to train" in out
+    m = json.loads((d / "metrics" / "train.json").read_text())
+    assert m["steps"] == m["resumed_from_step"] == 40
+    for k, v in weights(d / "models" / "model").items():
+        assert torch.equal(v, w1[k]), k
+    assert (d / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text() == curve
+
+
+@pytest.mark.slow
 def test_pipeline_lora_on_a_pretrained_model_the_pipeline_made(workspace, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

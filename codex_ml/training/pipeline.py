@@ -119,9 +119,15 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
             ms.GPU_AVAILABLE = False
         live.monitor_system(interval=0.1, num_samples=20)  # one averaged sample every ~2 s
 
-    trainer, res = engine.train(model, train_blocks, val_blocks, t, seed=p.seed,
-                                out_dir=paths.checkpoints, fingerprint=fp,
-                                resume_from=resume_from, live=live)
+    try:
+        trainer, res = engine.train(model, train_blocks, val_blocks, t, seed=p.seed,
+                                    out_dir=paths.checkpoints, fingerprint=fp,
+                                    resume_from=resume_from, live=live)
+    finally:
+        # dvclive's system monitor is a non-daemon thread: unless ended it keeps the process alive
+        # after an error, or when nothing was trained (the Trainer's on_train_end never ran).
+        if live is not None:
+            live.end()
     metrics = {
         "final_train_loss": res.final_train_loss, "final_val_loss": res.final_val_loss,
         "best_val_loss": res.best_val_loss, "steps": res.steps, "tokens": res.tokens,
