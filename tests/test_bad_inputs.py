@@ -100,6 +100,8 @@ CASES = [
     ("missing-policy-file", "sanitize",
      lambda ws: write_params(ws, {"sanitize": {"policy": "configs/nope.yaml"}}), "policy file"),
     ("missing-splits", "train_model", lambda ws: shutil.rmtree(ws / "data/splits"), "data/splits"),
+    ("batch-larger-than-data", "train_model",
+     lambda ws: write_params(ws, {"train": {"batch_size": 10**6}}), "fewer than one step needs"),
 ]
 
 

@@ -239,6 +239,21 @@ def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision
     )
 
 
+def check_data(train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train) -> int:
+    """Enough packed data for one optimizer step on every rank and for a val loss; returns the
+    blocks one step takes. The stage calls it before it touches any output."""
+    from ..stage import UserError
+
+    per_step = t.batch_size * t.grad_accum * world()[1]
+    if len(train_blocks) < per_step:
+        raise UserError(f"train split packs into {len(train_blocks)} blocks of {t.block_size} "
+                        f"tokens, fewer than one step needs ({per_step}); lower train.batch_size "
+                        "or train.block_size, or add data")
+    if len(val_blocks) == 0:
+        raise UserError(f"val split has fewer than train.block_size = {t.block_size} tokens")
+    return per_step
+
+
 def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train, *, seed: int,
           out_dir: str | Path, fingerprint: str = "", resume_from: str | Path | None = None,
           live=None, max_steps: int | None = None, callbacks: list | None = None):
@@ -248,17 +263,9 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     from transformers import EarlyStoppingCallback, Trainer, set_seed
     from transformers.integrations import DVCLiveCallback
 
-    from ..stage import UserError
-
     rank, ws = world()
     max_steps = max_steps or t.max_steps
-    per_step = t.batch_size * t.grad_accum * ws
-    if len(train_blocks) < per_step:
-        raise UserError(f"train split packs into {len(train_blocks)} blocks of {t.block_size} "
-                        f"tokens, fewer than one step needs ({per_step}); lower train.batch_size "
-                        "or train.block_size, or add data")
-    if len(val_blocks) == 0:
-        raise UserError(f"val split has fewer than train.block_size = {t.block_size} tokens")
+    per_step = check_data(train_blocks, val_blocks, t)
     eval_batch = min(t.batch_size, len(val_blocks))
     val_blocks = evenly_spaced(val_blocks, t.eval_batches * eval_batch)
 

@@ -80,6 +80,7 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
     val_blocks = pack_split(paths.splits, "val", tokenizer, t.block_size)
     log.info("packed %d train / %d val blocks of %d tokens", len(train_blocks), len(val_blocks),
              t.block_size)
+    engine.check_data(train_blocks, val_blocks, t)  # before dvclive clears the previous curves
 
     torch.manual_seed(p.seed)  # scratch init is drawn from the seed
     model = modeling.build(m, tokenizer, t.block_size)
