@@ -313,8 +313,11 @@ def test_stage_resumes_after_kill_9_with_the_same_final_weights(workspace, tmp_p
     assert "test-v1" in card and "best_val_loss" in card
     prov = json.loads((out_dir / "provenance.json").read_text())
     assert {"git", "requirements_lock_sha256", "torch", "transformers", "devices", "seed"} <= prov.keys()
-    assert (full / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").exists()
-    assert (full / "metrics" / "train" / "plots" / "metrics" / "eval" / "loss.tsv").exists()
+    plots = full / "metrics" / "train" / "plots" / "metrics"
+    # Curves: train loss every log_every (5) steps from step 1, val loss every eval_every (10).
+    assert len((plots / "loss.tsv").read_text().splitlines()) == 1 + 1 + 40 // 5
+    assert len((plots / "eval" / "loss.tsv").read_text().splitlines()) == 1 + 40 // 10
+    assert not (plots / "train").exists()  # the end-of-run summary is no curve
     # Checkpoints: best-k (2) by val loss plus the latest.
     assert len(list((full / "models" / "checkpoints").glob("checkpoint-*"))) <= 3
 
@@ -341,7 +344,7 @@ def test_stage_rerun_after_the_last_checkpoint_loads_it_and_keeps_the_curves(wor
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out[-3000:]
     w1 = weights(d / "models" / "model")
-    curve = (d / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+    curve = (d / "metrics" / "train" / "plots" / "metrics" / "loss.tsv").read_text()
     again = stage(d)
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 0, out[-3000:]
@@ -350,7 +353,7 @@ def test_stage_rerun_after_the_last_checkpoint_loads_it_and_keeps_the_curves(wor
     assert m["steps"] == m["resumed_from_step"] == 40
     for k, v in weights(d / "models" / "model").items():
         assert torch.equal(v, w1[k]), k
-    assert (d / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text() == curve
+    assert (d / "metrics" / "train" / "plots" / "metrics" / "loss.tsv").read_text() == curve
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from types import MethodType
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations import DVCLiveCallback
 
 from ..params import Train
 from . import checkpoints
@@ -148,6 +149,16 @@ class Throughput(TrainerCallback):
         self.t0, self.step0 = time.perf_counter(), state.global_step
 
 
+class LiveCurves(DVCLiveCallback):
+    """dvclive's callback, minus the Trainer's end-of-run summary (train_runtime, total_flos, the
+    run's mean loss as `train/loss`): logged as one-point "curves" they clutter `dvc plots show`;
+    metrics/train.json has the run's figures."""
+
+    def on_log(self, args, state, control, model=None, logs=None, **kw):
+        if logs and "train_runtime" not in logs:
+            super().on_log(args, state, control, model=model, logs=logs, **kw)
+
+
 class CudaGraphSteps(TrainerCallback):
     """With CUDA graphs (compile modes reduce-overhead, max-autotune) each optimizer step is a new
     iteration: the graphs' output buffers of the previous step may then be reused."""
@@ -261,7 +272,6 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     continuing from `resume_from` (see checkpoints.find_resumable) when given.
     Returns (trainer, Result). `live` is a dvclive.Live on rank 0, None elsewhere."""
     from transformers import EarlyStoppingCallback, Trainer, set_seed
-    from transformers.integrations import DVCLiveCallback
 
     rank, ws = world()
     max_steps = max_steps or t.max_steps
@@ -290,7 +300,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     if compile_mode in ("reduce-overhead", "max-autotune"):
         cbs.append(CudaGraphSteps())
     if live is not None:
-        cbs.append(DVCLiveCallback(live=live))
+        cbs.append(LiveCurves(live=live))
     if t.max_time_s:
         cbs.append(TimeBudget(t.max_time_s))
     if t.early_stopping_patience:
