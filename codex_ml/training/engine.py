@@ -310,9 +310,6 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
                       eval_dataset=Blocks(val_blocks), callbacks=cbs)
 
     t0 = time.perf_counter()
-    backends = attention_backends(t.attention)
-    # Compilation picks the attention kernel while tracing, so the choice must hold from the start.
-    from torch.nn.attention import sdpa_kernel
     start_step = checkpoints.step_of(resume_from) if resume_from else 0
     train_s = None
     if resume_from and start_step >= max_steps and not (t.distributed == "fsdp" and ws > 1):
@@ -326,6 +323,10 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         trainer._load_from_checkpoint(str(resume_from))
         trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
     else:
+        from torch.nn.attention import sdpa_kernel
+
+        backends = attention_backends(t.attention)
+        # Compilation picks the attention kernel while tracing: the choice holds from the start.
         with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext():
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_s = out.metrics.get("train_runtime")
