@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -132,6 +133,13 @@ def shard_paths(directory: str | os.PathLike, name: str) -> list[Path]:
     if single.exists():
         return [single]
     return sorted(directory.glob(f"{name}-[0-9][0-9][0-9][0-9][0-9].parquet"))
+
+
+def chunked(items: Iterable, n: int) -> Iterator[list]:
+    """Lists of up to n items in order (itertools.batched, which Python 3.11 lacks)."""
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
 
 
 def iter_batches(directory: str | os.PathLike, name: str, columns: list[str] | None = None,

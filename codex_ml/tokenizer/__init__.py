@@ -240,11 +240,10 @@ def copy_pretrained(base: str, trust_remote_code: bool, out_dir: str | Path) -> 
 def check(sp: spm.SentencePieceProcessor, hf, texts: Iterable[str], batch: int = 64,
           failures: list | None = None) -> dict:
     """Round-trip and HF-agreement over `texts`; returns counts (and appends failing indices)."""
-    n = rt = agree = nbytes = ntok = nbyte_tok = 0
-    buf: list[str] = []
+    from .. import io
 
-    def flush():
-        nonlocal n, rt, agree, nbytes, ntok, nbyte_tok
+    n = rt = agree = nbytes = ntok = nbyte_tok = 0
+    for buf in io.chunked(texts, batch):
         hf_ids = hf(buf, add_special_tokens=False)["input_ids"] if hf is not None else [None] * len(buf)
         for text, ids, h in zip(buf, sp.encode(buf), hf_ids):
             ok_rt = sp.decode(ids) == text
@@ -257,14 +256,6 @@ def check(sp: spm.SentencePieceProcessor, hf, texts: Iterable[str], batch: int =
             ntok += len(ids)
             nbyte_tok += sum(map(sp.is_byte, ids))
             n += 1
-        buf.clear()
-
-    for t in texts:
-        buf.append(t)
-        if len(buf) >= batch:
-            flush()
-    if buf:
-        flush()
     return {"docs": n, "bytes": nbytes, "tokens": ntok, "byte_fallback_tokens": nbyte_tok,
             "roundtrip_ok": rt, "hf_agree": agree,
             "bytes_per_token": round(nbytes / ntok, 4) if ntok else None}

@@ -14,22 +14,10 @@ from .. import io
 def pack(texts: Iterable[str], tokenizer, block_size: int, batch_docs: int = 256) -> torch.Tensor:
     """Return a LongTensor [n_blocks, block_size] of token ids with EOS between documents."""
     eos = tokenizer.eos_token_id
-    chunks: list[np.ndarray] = []
-    batch: list[str] = []
-
-    def flush():
-        enc = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        for ids in enc:
-            chunks.append(np.asarray(ids + [eos], dtype=np.int64))
-        batch.clear()
-
-    for t in texts:
-        batch.append(t)
-        if len(batch) >= batch_docs:
-            flush()
-    if batch:
-        flush()
-    flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    docs = [np.asarray(ids + [eos], dtype=np.int64)
+            for batch in io.chunked(texts, batch_docs)
+            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
+    flat = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
     n = len(flat) // block_size
     return torch.from_numpy(flat[: n * block_size].reshape(n, block_size).copy())
 

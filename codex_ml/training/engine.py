@@ -273,7 +273,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     Returns (trainer, Result). `live` is a dvclive.Live on rank 0, None elsewhere."""
     from transformers import EarlyStoppingCallback, Trainer, set_seed
 
-    rank, ws = world()
+    ws = world()[1]
     max_steps = max_steps or t.max_steps
     per_step = check_data(train_blocks, val_blocks, t)
     eval_batch = min(t.batch_size, len(val_blocks))
