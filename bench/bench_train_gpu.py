@@ -40,6 +40,91 @@ def flops_per_token(model, seq: int) -> float:
         c.hidden_size // c.num_attention_heads) * seq
 
 
+KERNEL_KINDS = [  # (kind, substrings of the CUDA kernel name), first match wins
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "wgmma", "scaled_mm", "cublas", "splitk")),
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy", ("memcpy", "memset", "copy", "cat")),
+    ("fused (inductor/triton)", ("triton",)),
+]
+
+
+class Probe:
+    """Looks at steps [start, start + n) of a run: a torch.profiler trace of the GPU kernels
+    (time by kind, and the GPU's busy share of the wall time), and with sync_debug the places that
+    synchronise the host with the GPU (torch.cuda.set_sync_debug_mode), which stall the pipeline."""
+
+    def __init__(self, start: int, n: int, sync_debug: bool):
+        self.start, self.n, self.sync_debug = start, n, sync_debug
+        self.prof = self.t0 = None
+        self.syncs: dict[str, int] = {}
+        self.summary: dict = {}
+
+    def step_begin(self, step: int):
+        if step == self.start and self.n:
+            cuda = torch.cuda.is_available()  # on the CPU (--cpu-smoke): CPU ops, to test this code
+            if cuda:
+                torch.cuda.synchronize()
+            A = torch.profiler.ProfilerActivity
+            self.prof = torch.profiler.profile(activities=[A.CUDA if cuda else A.CPU])
+            self.prof.__enter__()
+            if self.sync_debug and cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            self.t0 = time.perf_counter()
+
+    def step_end(self, step: int):  # `step` = steps done
+        if self.prof is None or step != self.start + self.n:
+            return
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode(0)
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        kinds: dict[str, float] = {}
+        top = []
+        for e in self.prof.key_averages():
+            us = e.self_device_time_total if cuda else e.self_cpu_time_total
+            if us <= 0:
+                continue
+            name = e.key.lower()
+            kind = next((k for k, subs in KERNEL_KINDS if any(x in name for x in subs)), "other")
+            kinds[kind] = kinds.get(kind, 0.0) + us / 1e3 / self.n
+            top.append((us / 1e3 / self.n, e.count // self.n, e.key[:90]))
+        busy = sum(kinds.values())
+        self.summary = {"wall_ms_per_step": round(wall * 1e3 / self.n, 2),
+                        "gpu_busy_ms_per_step": round(busy, 2),
+                        "ms_per_step_by_kind": {k: round(v, 2) for k, v in sorted(
+                            kinds.items(), key=lambda kv: -kv[1])},
+                        "top_kernels": [(round(ms, 3), c, k) for ms, c, k in sorted(top)[::-1][:25]],
+                        "syncs": self.syncs}
+        self.prof = None
+
+    def watch(self):
+        """Context manager recording the sync-debug warnings by the Python line that caused them."""
+        import warnings
+
+        probe = self
+
+        class _W(warnings.catch_warnings):
+            def __enter__(self):
+                log = super().__enter__()
+                warnings.simplefilter("always")
+                self._log = log
+                return log
+
+            def __exit__(self, *a):
+                for w in self._log or []:
+                    if "synchroniz" in str(w.message):
+                        where = f"{Path(w.filename).name}:{w.lineno}"
+                        probe.syncs[where] = probe.syncs.get(where, 0) + 1
+                    else:
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                return super().__exit__(*a)
+
+        return _W(record=True)
+
+
 def make_model(tok, shape: dict, seed: int):
     torch.manual_seed(seed)
     m = params.Model(**shape)
@@ -47,7 +132,7 @@ def make_model(tok, shape: dict, seed: int):
 
 
 def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
-             warmup: int, mode: str = "default") -> dict:
+             warmup: int, mode: str = "default", probe: Probe | None = None) -> dict:
     """The plain loop: bf16 autocast, torch.compile, fused AdamW, no framework."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(dev).train()
@@ -68,6 +153,8 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
         idx = order[(step * batch) % len(order):][:batch]
         if len(idx) < batch:
             idx = order[:batch]
+        if probe:
+            probe.step_begin(step)
         x = blocks[idx].to(dev, non_blocking=True)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -78,6 +165,8 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if probe:
+            probe.step_end(step + 1)
         if step % 10 == 0 or step == steps - 1:
             losses.append((step + 1, loss.item()))  # .item() syncs: once per 10 steps
             now = time.perf_counter()
@@ -87,7 +176,18 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
     return {"losses": losses, "step_times": times}
 
 
-def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, overrides) -> dict:
+def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, overrides,
+               probe: Probe | None = None) -> dict:
+    skip = tuple(x for x in overrides.pop("float8_skip", "").split("/") if x)
+    if skip:  # exploring which layers to leave in bf16: convert here, the engine then leaves it
+        engine.convert_float8(model, overrides.pop("float8"), skip)
+    orig_args = engine.training_args
+    if overrides.pop("blocking_copy", None):  # ablation: accelerate's default blocking batch copy
+        def blocking(*a, **k):
+            args = orig_args(*a, **k)
+            args.accelerator_config.non_blocking = args.dataloader_pin_memory = False
+            return args
+        engine.training_args = blocking
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
@@ -101,8 +201,19 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
             if logs and "loss" in logs:
                 marks.append((state.global_step, time.perf_counter()))
 
-    trainer, res = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir,
-                                callbacks=[Clock()])
+        def on_step_begin(self, args, state, control, **kw):
+            if probe:
+                probe.step_begin(state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):
+            if probe:
+                probe.step_end(state.global_step)
+
+    try:
+        trainer, res = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir,
+                                    callbacks=[Clock()])
+    finally:
+        engine.training_args = orig_args
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     times = [(s1, (t1 - t0) / (s1 - s0)) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s1 > s0]
     return {"losses": losses, "step_times": times, "result": res.as_dict()}
@@ -128,6 +239,10 @@ def main() -> None:
                          "key mode = its compile mode), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden), e.g. "
                          "engine-nocg=compile_mode:default+attention:cudnn")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile N steps after --skip: GPU kernel time by kind, busy share")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="with --profile: count host-GPU synchronisations in those steps, by line")
     ap.add_argument("--out", default="bench/out/train_gpu.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU to check the code")
     args = ap.parse_args()
@@ -160,13 +275,16 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
+        probe = Probe(args.skip, args.profile, args.sync_debug)
         try:
-            if v.startswith("baseline"):
-                r = baseline(model, blocks, args.steps, args.batch, args.lr, seed, args.warmup,
-                             mode=overrides.get("mode", "default"))
-            else:
-                r = run_engine(model, blocks, val, args.steps, args.batch, args.lr, seed,
-                               args.warmup, Path(f"/tmp/bench_engine_{v}"), overrides)
+            with probe.watch():
+                if v.startswith("baseline"):
+                    r = baseline(model, blocks, args.steps, args.batch, args.lr, seed, args.warmup,
+                                 mode=overrides.get("mode", "default"), probe=probe)
+                else:
+                    r = run_engine(model, blocks, val, args.steps, args.batch, args.lr, seed,
+                                   args.warmup, Path(f"/tmp/bench_engine_{v}"), dict(overrides),
+                                   probe=probe)
         except Exception as e:  # one variant failing must not lose the others' numbers
             print(f"{v}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             continue
@@ -177,6 +295,12 @@ def main() -> None:
                  params=sum(p.numel() for p in model.parameters()),
                  peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
                  if torch.cuda.is_available() else None)
+        if probe.summary:
+            r["profile"] = probe.summary
+            ps = probe.summary
+            print(f"{v:14s} profile: wall {ps['wall_ms_per_step']} ms/step, GPU busy "
+                  f"{ps['gpu_busy_ms_per_step']} ms: {ps['ms_per_step_by_kind']}; syncs/step "
+                  f"{ {k: n / args.profile for k, n in ps['syncs'].items()} }", flush=True)
         rows[v] = r
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # partial results survive a timeout
         Path(args.out).write_text(json.dumps({"partial": True, "rows": rows}, default=str))

@@ -81,6 +81,51 @@ def resolve_compile_mode(mode: str) -> str:
     return "default" if mode == "auto" else mode
 
 
+def resolve_float8(mode: str, compiled: bool, tokens_per_batch: int) -> str | None:
+    """The torchao float8 recipe to train with, or None."""
+    if mode in ("auto", "off"):
+        return None
+    from ..stage import UserError
+
+    why = None
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        why = "a CUDA GPU of compute capability >= 8.9 (Ada, Hopper or newer)"
+    elif not compiled:
+        why = "torch.compile (train.compile: on or auto), which fuses its scaling and casts"
+    elif tokens_per_batch % 16:
+        why = ("batch_size x block_size divisible by 16 (FP8 matmuls take multiples of 16); "
+               f"it is {tokens_per_batch}")
+    else:
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError:
+            why = "the torchao package (pip install torchao)"
+    if why:
+        raise UserError(f"train.float8 = {mode} needs {why}; or use train.float8: off")
+    return mode
+
+
+def convert_float8(model, recipe: str, skip: tuple[str, ...] = ()) -> int:
+    """Swap the Linear layers whose sides are multiples of 16 (an FP8 matmul's rule) for torchao's
+    Float8Linear, in place; the weights and their names stay, so checkpoints and the saved model
+    are unchanged. `skip`: last names of layers to keep in bf16 (e.g. lm_head). Returns how many."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    picked = []
+
+    def keep(mod, fqn):
+        ok = (isinstance(mod, torch.nn.Linear) and fqn.rsplit(".", 1)[-1] not in skip
+              and mod.in_features % 16 == 0 and mod.out_features % 16 == 0)
+        if ok:
+            picked.append(fqn)
+        return ok
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=keep)
+    log.info("float8 (%s): %d Linear layers", recipe, len(picked))
+    return len(picked)
+
+
 def attention_backends(choice: str):
     """The SDPA backends in priority order with `choice` first, or None for torch's own order.
     The others stay as fallbacks, so a shape the chosen kernel rejects still runs."""
@@ -115,6 +160,7 @@ class Result:
     world_size: int
     fused_kernels: bool = False
     compile_mode: str | None = None
+    float8: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -241,6 +287,11 @@ def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision
         label_names=["labels"],
         # On a GPU: fused AdamW (one kernel for all parameters), TF32 matmuls for what stays fp32.
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        # accelerate copies each batch to the GPU with a blocking copy by default, which waits for
+        # the GPU to finish the previous step: the GPU then idles while Python prepares the next.
+        # From pinned memory the copy can be queued behind the running step instead.
+        accelerator_config={"non_blocking": True} if torch.cuda.is_available() else None,
+        dataloader_pin_memory=torch.cuda.is_available(),
         tf32=True if torch.cuda.is_available() else None,
         use_liger_kernel=fused,
         dataloader_num_workers=t.num_workers, dataloader_drop_last=True,
@@ -289,6 +340,9 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
                     "fused cross-entropy on this torch)")
         compiled = False
     compile_mode = resolve_compile_mode(t.compile_mode) if compiled else None
+    float8 = resolve_float8(t.float8, compiled, t.batch_size * t.block_size)
+    if float8:
+        convert_float8(model, float8)
     args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, fused=fused,
                          wrap=wrap, compile_mode=compile_mode or "default")
     tokens_per_step = per_step * t.block_size
@@ -350,7 +404,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         best_val_loss=min(h["eval_loss"] for h in evals) if evals else None,
         resumed_from=str(resume_from) if resume_from else None,
         stopped_early=st.global_step < max_steps, precision=precision, compiled=compiled,
-        world_size=ws, fused_kernels=fused, compile_mode=compile_mode)
+        world_size=ws, fused_kernels=fused, compile_mode=compile_mode, float8=float8)
     if res.final_val_loss is not None and not math.isfinite(res.final_val_loss):
         log.warning("val loss is %s: training diverged (lower train.lr?)", res.final_val_loss)
     return trainer, res
