@@ -40,12 +40,12 @@ def flops_per_token(model, seq: int) -> float:
         c.hidden_size // c.num_attention_heads) * seq
 
 
-KERNEL_KINDS = [  # (kind, substrings of the CUDA kernel name), first match wins
+KERNEL_KINDS = [  # (kind, substrings of the CUDA kernel's name), first match wins
+    ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),  # cuDNN's names say wgmma too
     ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "wgmma", "scaled_mm", "cublas", "splitk")),
-    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("copy", ("memcpy", "memset", "copy", "cat")),
-    ("fused (inductor/triton)", ("triton",)),
+    ("fused (inductor/triton)", ("triton",)),  # before copy: inductor names say _to_copy, cat
+    ("copy/fill", ("memcpy", "memset", "copy", "fill")),
 ]
 
 
@@ -68,9 +68,33 @@ class Probe:
             A = torch.profiler.ProfilerActivity
             self.prof = torch.profiler.profile(activities=[A.CUDA if cuda else A.CPU])
             self.prof.__enter__()
-            if self.sync_debug and cuda:
-                torch.cuda.set_sync_debug_mode("warn")
+            if self.sync_debug:
+                self._hook()
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
             self.t0 = time.perf_counter()
+
+    def _hook(self):
+        """Count the sync-debug warnings by the Python line that caused them (each one, not just
+        the first per line); other warnings pass through as before."""
+        import warnings
+
+        self._saved = warnings.showwarning, warnings.filters[:]
+        warnings.filterwarnings("always", message=".*synchroniz")
+
+        def show(message, category, filename, lineno, *a, **k):
+            if "synchroniz" in str(message):
+                where = f"{Path(filename).name}:{lineno}"
+                self.syncs[where] = self.syncs.get(where, 0) + 1
+            else:
+                self._saved[0](message, category, filename, lineno, *a, **k)
+
+        warnings.showwarning = show
+
+    def _unhook(self):
+        import warnings
+
+        warnings.showwarning, warnings.filters[:] = self._saved
 
     def step_end(self, step: int):  # `step` = steps done
         if self.prof is None or step != self.start + self.n:
@@ -80,6 +104,8 @@ class Probe:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode(0)
         wall = time.perf_counter() - self.t0
+        if self.sync_debug:
+            self._unhook()
         self.prof.__exit__(None, None, None)
         kinds: dict[str, float] = {}
         top = []
@@ -99,30 +125,6 @@ class Probe:
                         "top_kernels": [(round(ms, 3), c, k) for ms, c, k in sorted(top)[::-1][:25]],
                         "syncs": self.syncs}
         self.prof = None
-
-    def watch(self):
-        """Context manager recording the sync-debug warnings by the Python line that caused them."""
-        import warnings
-
-        probe = self
-
-        class _W(warnings.catch_warnings):
-            def __enter__(self):
-                log = super().__enter__()
-                warnings.simplefilter("always")
-                self._log = log
-                return log
-
-            def __exit__(self, *a):
-                for w in self._log or []:
-                    if "synchroniz" in str(w.message):
-                        where = f"{Path(w.filename).name}:{w.lineno}"
-                        probe.syncs[where] = probe.syncs.get(where, 0) + 1
-                    else:
-                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-                return super().__exit__(*a)
-
-        return _W(record=True)
 
 
 def make_model(tok, shape: dict, seed: int):
@@ -169,6 +171,9 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
             probe.step_end(step + 1)
         if step % 10 == 0 or step == steps - 1:
             losses.append((step + 1, loss.item()))  # .item() syncs: once per 10 steps
+            if step % 50 == 0:
+                print(f"  baseline step {step + 1} loss {losses[-1][1]:.3f} {time.strftime('%T')}",
+                      flush=True)
             now = time.perf_counter()
             if t_prev is not None:
                 times.append((step + 1, (now - t_prev[1]) / (step + 1 - t_prev[0])))
@@ -246,6 +251,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/train_gpu.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU to check the code")
     args = ap.parse_args()
+    if os.environ.get("BENCH_STACKS"):  # a run that seems stuck shows where, every N seconds
+        import faulthandler
+        faulthandler.dump_traceback_later(int(os.environ["BENCH_STACKS"]), repeat=True)
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("no CUDA GPU: running the tiny --cpu-smoke shape (the figures mean nothing here)")
         args.cpu_smoke = True
@@ -276,15 +284,15 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         probe = Probe(args.skip, args.profile, args.sync_debug)
+        print(f"{v}: start {time.strftime('%T')}", flush=True)
         try:
-            with probe.watch():
-                if v.startswith("baseline"):
-                    r = baseline(model, blocks, args.steps, args.batch, args.lr, seed, args.warmup,
-                                 mode=overrides.get("mode", "default"), probe=probe)
-                else:
-                    r = run_engine(model, blocks, val, args.steps, args.batch, args.lr, seed,
-                                   args.warmup, Path(f"/tmp/bench_engine_{v}"), dict(overrides),
-                                   probe=probe)
+            if v.startswith("baseline"):
+                r = baseline(model, blocks, args.steps, args.batch, args.lr, seed, args.warmup,
+                             mode=overrides.get("mode", "default"), probe=probe)
+            else:
+                r = run_engine(model, blocks, val, args.steps, args.batch, args.lr, seed,
+                               args.warmup, Path(f"/tmp/bench_engine_{v}"), dict(overrides),
+                               probe=probe)
         except Exception as e:  # one variant failing must not lose the others' numbers
             print(f"{v}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             continue
