@@ -277,6 +277,10 @@ def main() -> None:
     for spec in args.variants.split(","):
         v, _, kv = spec.partition("=")
         overrides = dict(item.split(":", 1) for item in kv.split("+") if item)
+        # Dynamo would reuse the previous variant's compiled graph for the new model (its guards
+        # check the module's type, not which one): choices made while tracing, like the attention
+        # kernel, would then be the first variant's.
+        torch._dynamo.reset()
         model = make_model(tok, shape, seed)
         fpt = flops_per_token(model, args.seq)
         if torch.cuda.is_available():
