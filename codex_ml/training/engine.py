@@ -126,6 +126,56 @@ def convert_float8(model, recipe: str, skip: tuple[str, ...] = ()) -> int:
     return len(picked)
 
 
+CAUSAL_SDPA = "sdpa_is_causal"
+
+
+def _causal_sdpa_mask(*, attention_mask=None, q_length=None, kv_length=None, q_offset=0,
+                      kv_offset=0, **kw):
+    """transformers' SDPA mask, minus the full mask where SDPA's own is_causal does the same job.
+    On torch < 2.14 transformers cannot skip the mask under torch.compile (nor rule out packed
+    sequences from the position ids: `allow_is_causal_skip` comes False), so a compiled model
+    handed every attention call a T x T mask:
+    no flash kernel can take one, and the mask kernel computes the masked-out half too."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, **kw)
+
+
+@contextlib.contextmanager
+def causal_attention(model):
+    """While training, run a model that uses SDPA with is_causal instead of an explicit mask. The
+    engine's batches are input_ids and labels only: no padding, no attention mask, no position ids
+    (so the model's positions are 0..T-1 and no packed-sequence mask applies), so for a decoder with
+    full attention in every layer the two are the same attention. Models with sliding-window or
+    chunked layers keep their masks. The model's own setting is back afterwards, so the saved
+    config is unchanged."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    base = getattr(model, "get_base_model", lambda: model)()
+    before = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    cfg = getattr(base, "config", None)
+    local = (getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None)
+             or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []))
+    if before != "sdpa" or local:
+        yield
+        return
+    AttentionInterface.register(CAUSAL_SDPA, AttentionInterface._global_mapping["sdpa"])
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CAUSAL_SDPA, _causal_sdpa_mask)
+    try:
+        base.set_attn_implementation(CAUSAL_SDPA)
+    except Exception as e:  # a model outside transformers' attention interface: keep its own
+        log.info("attention stays %s: %s", before, e)
+    try:
+        yield
+    finally:
+        if base.config._attn_implementation == CAUSAL_SDPA:
+            base.set_attn_implementation(before)
+
+
 def attention_backends(choice: str):
     """The SDPA backends in priority order with `choice` first, or None for torch's own order.
     The others stay as fallbacks, so a shape the chosen kernel rejects still runs."""
@@ -381,7 +431,8 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
 
         backends = attention_backends(t.attention)
         # Compilation picks the attention kernel while tracing: the choice holds from the start.
-        with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext():
+        with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext(), \
+                causal_attention(model):
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_s = out.metrics.get("train_runtime")
     st = trainer.state
