@@ -127,6 +127,21 @@ class Probe:
         self.prof = None
 
 
+def convert_float8(model, recipe: str, skip: tuple[str, ...] = ()) -> None:
+    """torchao float8 training (recipe tensorwise or rowwise) for the Linear layers whose sides are
+    multiples of 16, except those named in `skip` (e.g. lm_head); in place, weights unchanged.
+    Measured slower at this shape (bench/RESULTS_GPU.md), so it is a benchmark variant, not a
+    train param."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def keep(mod, fqn):
+        return (fqn.rsplit(".", 1)[-1] not in skip and mod.in_features % 16 == 0
+                and mod.out_features % 16 == 0)
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=keep)
+
+
 def make_model(tok, shape: dict, seed: int):
     torch.manual_seed(seed)
     m = params.Model(**shape)
@@ -183,9 +198,9 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
 
 def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, overrides,
                probe: Probe | None = None) -> dict:
-    skip = tuple(x for x in overrides.pop("float8_skip", "").split("/") if x)
-    if skip:  # exploring which layers to leave in bf16: convert here, the engine then leaves it
-        engine.convert_float8(model, overrides.pop("float8"), skip)
+    if "float8" in overrides:
+        convert_float8(model, overrides.pop("float8"),
+                       tuple(x for x in overrides.pop("float8_skip", "").split("/") if x))
     orig_args = engine.training_args
     if overrides.pop("blocking_copy", None):  # ablation: accelerate's default blocking batch copy
         def blocking(*a, **k):
@@ -242,8 +257,9 @@ def main() -> None:
     ap.add_argument("--variants", default="baseline,engine",
                     help="comma list of NAME[=key:value+key:value]: baseline (the plain loop; "
                          "key mode = its compile mode), engine* (the engine with params' defaults, "
-                         "the given train.* keys overridden), e.g. "
-                         "engine-nocg=compile_mode:default+attention:cudnn")
+                         "the given train.* keys overridden; also float8:tensorwise|rowwise with "
+                         "float8_skip:lm_head/..., blocking_copy:1), e.g. "
+                         "engine-flash=compile_mode:default+attention:flash")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")
     ap.add_argument("--sync-debug", action="store_true",

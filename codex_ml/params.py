@@ -232,9 +232,6 @@ class Train(Strict):
     # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without
     # materialising the logits): auto = on with a CUDA GPU when liger-kernel is installed.
     fused_kernels: OnOff = "auto"
-    # FP8 matmuls for the Linear layers (torchao float8 training, dynamic scaling; needs a GPU of
-    # compute capability >= 8.9, torchao and torch.compile). auto = off until measured faster.
-    float8: Literal["auto", "off", "tensorwise", "rowwise"] = "auto"
     # Wall-clock budget: stop (evaluate and save) after this many seconds even before max_steps.
     max_time_s: float | None = Field(None, gt=0)
     eval_every: int = Field(100, ge=1)

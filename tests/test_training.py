@@ -168,6 +168,70 @@ def test_bf16_training_does_not_copy_the_logits_to_fp32(workspace, tmp_path):
     assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
 
 
+def sdpa_calls_when_compiled(model, x) -> tuple[list, torch.Tensor]:
+    """(attn_mask given?, is_causal) of each SDPA call in the graph torch.compile captures."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if "scaled_dot_product_attention" in str(n.target):
+                mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+                seen.append((mask is not None, n.kwargs.get("is_causal", False)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    logits = torch.compile(model, backend=backend)(input_ids=x).logits
+    torch._dynamo.reset()
+    return seen, logits
+
+
+def test_compiled_model_attends_with_is_causal_not_an_explicit_mask():
+    """Under torch.compile (torch < 2.14) transformers hands SDPA a T x T mask, which rules out the
+    flash kernels (on an H200 the mask kernel took 23% of a step). Inside causal_attention the
+    compiled graph calls SDPA with is_causal and no mask, with the same logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape, use_cache=False)).eval()
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        with engine.causal_attention(model):
+            calls, logits = sdpa_calls_when_compiled(model, x)
+    assert calls == [(False, True)] * 2
+    assert torch.allclose(logits, want, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # restored: the saved config is unchanged
+    # A sliding-window model needs its mask: left alone.
+    local = MistralForCausalLM(MistralConfig(**shape, sliding_window=8))
+    with engine.causal_attention(local):
+        assert local.config._attn_implementation == "sdpa"
+
+
+def test_engine_trains_with_causal_attention_and_restores_the_model_setting(workspace, tmp_path):
+    from transformers import TrainerCallback
+
+    from codex_ml import modeling
+    from codex_ml.training.data import pack_split
+
+    p = params(train=dict(max_steps=2, save_every=1000, eval_every=1000))
+    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
+    tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
+    va = pack_split(workspace / "data" / "splits", "val", tok, 32)
+    model = modeling.build(p.model, tok, 32)
+    seen = set()
+
+    class Look(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            seen.add(model.config._attn_implementation)
+
+    engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path, callbacks=[Look()])
+    assert seen == {engine.CAUSAL_SDPA}
+    assert model.config._attn_implementation == "sdpa"
+    assert "sdpa_is_causal" not in (tmp_path / "checkpoint-2" / "config.json").read_text()
+
+
 def test_incomplete_and_foreign_checkpoints_are_never_resumed(tmp_path):
     def ckpt(step, marker):
         d = tmp_path / f"checkpoint-{step}"

@@ -81,51 +81,6 @@ def resolve_compile_mode(mode: str) -> str:
     return "default" if mode == "auto" else mode
 
 
-def resolve_float8(mode: str, compiled: bool, tokens_per_batch: int) -> str | None:
-    """The torchao float8 recipe to train with, or None."""
-    if mode in ("auto", "off"):
-        return None
-    from ..stage import UserError
-
-    why = None
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
-        why = "a CUDA GPU of compute capability >= 8.9 (Ada, Hopper or newer)"
-    elif not compiled:
-        why = "torch.compile (train.compile: on or auto), which fuses its scaling and casts"
-    elif tokens_per_batch % 16:
-        why = ("batch_size x block_size divisible by 16 (FP8 matmuls take multiples of 16); "
-               f"it is {tokens_per_batch}")
-    else:
-        try:
-            import torchao.float8  # noqa: F401
-        except ImportError:
-            why = "the torchao package (pip install torchao)"
-    if why:
-        raise UserError(f"train.float8 = {mode} needs {why}; or use train.float8: off")
-    return mode
-
-
-def convert_float8(model, recipe: str, skip: tuple[str, ...] = ()) -> int:
-    """Swap the Linear layers whose sides are multiples of 16 (an FP8 matmul's rule) for torchao's
-    Float8Linear, in place; the weights and their names stay, so checkpoints and the saved model
-    are unchanged. `skip`: last names of layers to keep in bf16 (e.g. lm_head). Returns how many."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    picked = []
-
-    def keep(mod, fqn):
-        ok = (isinstance(mod, torch.nn.Linear) and fqn.rsplit(".", 1)[-1] not in skip
-              and mod.in_features % 16 == 0 and mod.out_features % 16 == 0)
-        if ok:
-            picked.append(fqn)
-        return ok
-
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                               module_filter_fn=keep)
-    log.info("float8 (%s): %d Linear layers", recipe, len(picked))
-    return len(picked)
-
-
 CAUSAL_SDPA = "sdpa_is_causal"
 
 
@@ -210,7 +165,6 @@ class Result:
     world_size: int
     fused_kernels: bool = False
     compile_mode: str | None = None
-    float8: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -390,9 +344,6 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
                     "fused cross-entropy on this torch)")
         compiled = False
     compile_mode = resolve_compile_mode(t.compile_mode) if compiled else None
-    float8 = resolve_float8(t.float8, compiled, t.batch_size * t.block_size)
-    if float8:
-        convert_float8(model, float8)
     args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, fused=fused,
                          wrap=wrap, compile_mode=compile_mode or "default")
     tokens_per_step = per_step * t.block_size
@@ -455,7 +406,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         best_val_loss=min(h["eval_loss"] for h in evals) if evals else None,
         resumed_from=str(resume_from) if resume_from else None,
         stopped_early=st.global_step < max_steps, precision=precision, compiled=compiled,
-        world_size=ws, fused_kernels=fused, compile_mode=compile_mode, float8=float8)
+        world_size=ws, fused_kernels=fused, compile_mode=compile_mode)
     if res.final_val_loss is not None and not math.isfinite(res.final_val_loss):
         log.warning("val loss is %s: training diverged (lower train.lr?)", res.final_val_loss)
     return trainer, res
