@@ -232,6 +232,23 @@ def test_engine_trains_with_causal_attention_and_restores_the_model_setting(work
     assert "sdpa_is_causal" not in (tmp_path / "checkpoint-2" / "config.json").read_text()
 
 
+def test_a_resumed_run_drops_the_curve_rows_logged_after_its_checkpoint(tmp_path):
+    """Killed at step 17 after a checkpoint at 10: the steps 15 (and 20 of eval) logged before the
+    kill would be logged again by the resumed run."""
+    from codex_ml.training import pipeline
+
+    plots = tmp_path / "plots" / "metrics"
+    (plots / "eval").mkdir(parents=True)
+    (plots / "loss.tsv").write_text("timestamp\tstep\tloss\n" + "".join(
+        f"{t}\t{s}\t1.0\n" for t, s in enumerate([1, 5, 10, 15])))
+    (plots / "eval" / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t10\t2.0\n2\t20\t1.5\n")
+    pipeline.trim_curves(tmp_path, 10)
+    assert [ln.split("\t")[1] for ln in (plots / "loss.tsv").read_text().splitlines()[1:]] == \
+        ["1", "5", "10"]
+    assert (plots / "eval" / "loss.tsv").read_text() == "timestamp\tstep\tloss\n1\t10\t2.0\n"
+    pipeline.trim_curves(tmp_path / "missing", 10)  # a first run has no curves yet
+
+
 def test_incomplete_and_foreign_checkpoints_are_never_resumed(tmp_path):
     def ckpt(step, marker):
         d = tmp_path / f"checkpoint-{step}"
@@ -382,6 +399,10 @@ def test_stage_resumes_after_kill_9_with_the_same_final_weights(workspace, tmp_p
     assert len((plots / "loss.tsv").read_text().splitlines()) == 1 + 1 + 40 // 5
     assert len((plots / "eval" / "loss.tsv").read_text().splitlines()) == 1 + 40 // 10
     assert not (plots / "train").exists()  # the end-of-run summary is no curve
+    # The resumed run's curve has each logged step once, like the uninterrupted run's.
+    steps = [[ln.split("\t")[1] for ln in (d / "metrics/train/plots/metrics/loss.tsv").read_text()
+              .splitlines()[1:]] for d in (full, cut)]
+    assert steps[0] == steps[1], steps
     # Checkpoints: best-k (2) by val loss plus the latest.
     assert len(list((full / "models" / "checkpoints").glob("checkpoint-*"))) <= 3
 
