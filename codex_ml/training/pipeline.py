@@ -65,6 +65,20 @@ def visible_devices(devices) -> int:
     return devices if n else 1
 
 
+def trim_curves(live: Path, step: int) -> None:
+    """A resumed run continues the interrupted run's curves from its checkpoint's step. Rows logged
+    after that step (between the checkpoint and the kill) would appear twice: drop them."""
+    for f in (live / "plots" / "metrics").rglob("*.tsv"):
+        lines = f.read_text().splitlines(keepends=True)
+        head = lines[0].rstrip("\n").split("\t") if lines else []
+        if "step" not in head:
+            continue
+        col = head.index("step")
+        keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= step]
+        if len(keep) < len(lines):
+            io.write_atomic(f, "".join(keep))
+
+
 def run(p: Params, paths: Paths = Paths()) -> dict:
     t0 = time.perf_counter()
     rank, ws = engine.world()
@@ -105,6 +119,8 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
 
     live = None
     if rank == 0:
+        if resume_from:
+            trim_curves(paths.live, checkpoints.step_of(resume_from))
         try:
             from dvclive import Live
             # resume=True keeps the curves of the interrupted run; a fresh run starts them over.
