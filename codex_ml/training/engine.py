@@ -109,6 +109,7 @@ def causal_attention(model):
     config is unchanged."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     base = getattr(model, "get_base_model", lambda: model)()
     before = getattr(getattr(base, "config", None), "_attn_implementation", None)
@@ -118,7 +119,7 @@ def causal_attention(model):
     if before != "sdpa" or local:
         yield
         return
-    AttentionInterface.register(CAUSAL_SDPA, AttentionInterface._global_mapping["sdpa"])
+    AttentionInterface.register(CAUSAL_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
     ALL_MASK_ATTENTION_FUNCTIONS.register(CAUSAL_SDPA, _causal_sdpa_mask)
     try:
         base.set_attn_implementation(CAUSAL_SDPA)
