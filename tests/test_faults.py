@@ -84,3 +84,28 @@ def test_concurrent_repro_fails_fast_and_damages_nothing(tmp_path):
     assert p.wait() == 0, rest
     outputs_match_lock(repo)
     assert ran_stages(dvc(repo, "repro").stdout) == []
+
+
+def test_dvc_lock_writes_are_atomic_so_a_kill_mid_write_leaves_the_old_lock(tmp_path):
+    """DVC 3.67 truncates dvc.lock, then writes it: a kill -9 in between left a lock the next
+    `dvc repro` refused ("'./dvc.lock' validation failed", seen once in the kill rounds above).
+    In this environment (tools/install.py's .pth, codex_ml.dvc_atomic) a dump that dies half-way
+    leaves the old file whole and no temporary file. A fresh interpreter, like the `dvc` CLI's."""
+    code = (
+        "import os, sys\n"
+        "from dvc.utils.serialize import _yaml, dump_yaml, load_yaml\n"
+        "p = sys.argv[1]\n"
+        "dump_yaml(p, {'schema': '2.0', 'stages': {'a': {'cmd': 'x'}}})\n"
+        "def dies(data, fd, **kw):\n"
+        "    fd.write('schema: 2.0\\nsta')\n"
+        "    fd.flush()\n"
+        "    raise SystemExit(9)\n"
+        "try:\n"
+        "    _yaml._dump_data(p, {'b': 2}, dumper=dies)\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(load_yaml(p), sorted(os.listdir(os.path.dirname(p))))\n")
+    lock = tmp_path / "dvc.lock"
+    out = subprocess.run([str(BIN / "python"), "-c", code, str(lock)], capture_output=True,
+                         text=True, env=env(), check=True).stdout
+    assert out.strip() == "{'schema': '2.0', 'stages': {'a': {'cmd': 'x'}}} ['dvc.lock']", out

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 LOCAL_WHEELS = os.environ.get("CODEX_LOCAL_WHEELS", "/opt/wheels")
@@ -40,6 +41,11 @@ def main() -> None:
         subprocess.run([*PIP, "-r", "requirements-cuda.lock"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-qq", "--no-deps",
                     "--no-build-isolation", "-e", "."], check=True)
+    # DVC writes dvc.lock in place; codex_ml.dvc_atomic makes those writes atomic in every process
+    # of this environment (see its docstring). Guarded: a broken checkout must not break Python.
+    with open(os.path.join(sysconfig.get_paths()["purelib"], "codex_dvc_atomic.pth"), "w") as f:
+        f.write('import importlib.util as u; u.find_spec("codex_ml") and '
+                '__import__("codex_ml.dvc_atomic")\n')
     subprocess.run([sys.executable, "-m", "pip", "check"], check=True)
     print(f"installed: torch {installed}")
 

@@ -1,0 +1,73 @@
+"""Atomic writes of DVC's own files (dvc.lock, dvc.yaml, params files).
+
+DVC 3.67.1 writes them in place: it truncates the file (`open(path, "w+")`), then dumps the new
+text. A `kill -9` between the two leaves a truncated dvc.lock, and the next `dvc repro` stops with
+"'./dvc.lock' validation failed" (seen in tests/test_faults.py's kill rounds). tools/install.py
+puts a one-line .pth file into the virtualenv that imports this module at interpreter start; it
+waits for DVC to import its serializer and swaps the writer for one that writes a temporary
+sibling and renames it over the file, so a kill leaves either the old or the new file.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+TARGET = "dvc.utils.serialize._common"
+
+
+def atomic(dump):
+    def _dump_data(path, data, dumper, fs=None, **dumper_args):
+        if fs is not None and getattr(fs, "protocol", None) != "local":
+            return dump(path, data, dumper, fs=fs, **dumper_args)
+        path = os.fspath(path)
+        head, name = os.path.split(path)
+        tmp = os.path.join(head, f".tmp-{name}-{os.getpid()}")  # .gitignore: .tmp*
+        try:
+            with open(tmp, "w", encoding="utf-8") as fd:
+                dumper(data, fd, **dumper_args)
+                fd.flush()
+                os.fsync(fd.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    _dump_data.atomic = True
+    return _dump_data
+
+
+def patch(module) -> None:
+    if not getattr(module._dump_data, "atomic", False):
+        module._dump_data = atomic(module._dump_data)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Patches DVC's serializer right after it is imported: its siblings (_yaml, _json, _toml)
+    import `_dump_data` by name, so the swap must happen before they run."""
+
+    def find_spec(self, name, path, target=None):
+        if name != TARGET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    if TARGET in sys.modules:  # too late for the siblings' own references; patch what we can
+        patch(sys.modules[TARGET])
+    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+
+
+install()
