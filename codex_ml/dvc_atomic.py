@@ -10,12 +10,23 @@ sibling and renames it over the file, so a kill leaves either the old or the new
 
 from __future__ import annotations
 
+import glob
 import importlib.abc
 import importlib.machinery
 import os
 import sys
 
 TARGET = "dvc.utils.serialize._common"
+
+
+def alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic(dump):
@@ -25,6 +36,9 @@ def atomic(dump):
         path = os.fspath(path)
         head, name = os.path.split(path)
         tmp = os.path.join(head, f".tmp-{name}-{os.getpid()}")  # .gitignore: .tmp*
+        for old in glob.glob(os.path.join(glob.escape(head), f".tmp-{glob.escape(name)}-*")):
+            if not alive(old.rsplit("-", 1)[1]):  # left by a writer that was killed
+                os.unlink(old)
         try:
             with open(tmp, "w", encoding="utf-8") as fd:
                 dumper(data, fd, **dumper_args)

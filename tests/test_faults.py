@@ -106,6 +106,7 @@ def test_dvc_lock_writes_are_atomic_so_a_kill_mid_write_leaves_the_old_lock(tmp_
         "    pass\n"
         "print(load_yaml(p), sorted(os.listdir(os.path.dirname(p))))\n")
     lock = tmp_path / "dvc.lock"
+    (tmp_path / ".tmp-dvc.lock-999999999").write_text("left by a killed writer")
     out = subprocess.run([str(BIN / "python"), "-c", code, str(lock)], capture_output=True,
                          text=True, env=env(), check=True).stdout
     assert out.strip() == "{'schema': '2.0', 'stages': {'a': {'cmd': 'x'}}} ['dvc.lock']", out
