@@ -89,8 +89,8 @@ def _causal_sdpa_mask(*, attention_mask=None, q_length=None, kv_length=None, q_o
     """transformers' SDPA mask, minus the full mask where SDPA's own is_causal does the same job.
     On torch < 2.14 transformers cannot skip the mask under torch.compile (nor rule out packed
     sequences from the position ids: `allow_is_causal_skip` comes False), so a compiled model
-    handed every attention call a T x T mask:
-    no flash kernel can take one, and the mask kernel computes the masked-out half too."""
+    handed every attention call a T x T mask. No flash kernel takes one, and the mask kernel
+    computes the masked-out half too (cuDNN's, whatever train.attention said: H200, torch 2.11)."""
     from transformers.masking_utils import sdpa_mask
 
     if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
@@ -112,8 +112,8 @@ def causal_attention(model):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     base = getattr(model, "get_base_model", lambda: model)()
-    before = getattr(getattr(base, "config", None), "_attn_implementation", None)
     cfg = getattr(base, "config", None)
+    before = getattr(cfg, "_attn_implementation", None)
     local = (getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None)
              or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []))
     if before != "sdpa" or local:
