@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,7 +63,8 @@ class Probe:
 
     def step_begin(self, step: int):
         if step == self.start and self.n:
-            cuda = torch.cuda.is_available()  # on the CPU (--cpu-smoke): CPU ops, to test this code
+            # On the CPU (--cpu-smoke) it records CPU ops instead, to test this code.
+            self.cuda = cuda = torch.cuda.is_available()
             if cuda:
                 torch.cuda.synchronize()
             A = torch.profiler.ProfilerActivity
@@ -77,8 +79,6 @@ class Probe:
     def _hook(self):
         """Count the sync-debug warnings by the Python line that caused them (each one, not just
         the first per line); other warnings pass through as before."""
-        import warnings
-
         self._saved = warnings.showwarning, warnings.filters[:]
         warnings.filterwarnings("always", message=".*synchroniz")
 
@@ -92,14 +92,12 @@ class Probe:
         warnings.showwarning = show
 
     def _unhook(self):
-        import warnings
-
         warnings.showwarning, warnings.filters[:] = self._saved
 
     def step_end(self, step: int):  # `step` = steps done
         if self.prof is None or step != self.start + self.n:
             return
-        cuda = torch.cuda.is_available()
+        cuda = self.cuda
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode(0)
@@ -318,7 +316,8 @@ def main() -> None:
             continue
         step_s = steady(r["step_times"], args.skip)
         tps = args.batch * args.seq / step_s
-        r.update(variant=v, overrides=overrides, wall_s=round(time.perf_counter() - t0, 1), tokens_per_s=round(tps),
+        r.update(variant=v, overrides=overrides, wall_s=round(time.perf_counter() - t0, 1),
+                 tokens_per_s=round(tps),
                  mfu=round(tps * fpt / H100_BF16_PEAK, 4), flops_per_token=fpt,
                  params=sum(p.numel() for p in model.parameters()),
                  peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
