@@ -13,6 +13,7 @@ The engine is called through codex_ml.training.engine.train: the stage's code pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -254,7 +255,8 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=50, help="steps excluded from timing (compile, warm-up)")
     ap.add_argument("--variants", default="baseline,engine",
                     help="comma list of NAME[=key:value+key:value]: baseline (the plain loop; "
-                         "key mode = its compile mode), engine* (the engine with params' defaults, "
+                         "key mode = its compile mode, causal:1 = with the engine's causal "
+                         "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
                          "float8_skip:lm_head/..., blocking_copy:1), e.g. "
                          "engine-flash=compile_mode:default+attention:flash")
@@ -305,8 +307,11 @@ def main() -> None:
         print(f"{v}: start {time.strftime('%T')}", flush=True)
         try:
             if v.startswith("baseline"):
-                r = baseline(model, blocks, args.steps, args.batch, args.lr, seed, args.warmup,
-                             mode=overrides.get("mode", "default"), probe=probe)
+                # causal:1 gives the plain loop the engine's causal attention (a fair comparison)
+                with (engine.causal_attention(model) if overrides.get("causal")
+                      else contextlib.nullcontext()):
+                    r = baseline(model, blocks, args.steps, args.batch, args.lr, seed,
+                                 args.warmup, mode=overrides.get("mode", "default"), probe=probe)
             else:
                 r = run_engine(model, blocks, val, args.steps, args.batch, args.lr, seed,
                                args.warmup, Path(f"/tmp/bench_engine_{v}"), dict(overrides),

@@ -169,12 +169,15 @@ def test_bf16_training_does_not_copy_the_logits_to_fp32(workspace, tmp_path):
 
 
 def sdpa_calls_when_compiled(model, x) -> tuple[list, torch.Tensor]:
-    """(attn_mask given?, is_causal) of each SDPA call in the graph torch.compile captures."""
+    """(attn_mask given?, is_causal) of each SDPA call in the graph torch.compile captures, and the
+    backend names of each sdpa_kernel setting in it."""
     seen = []
 
     def backend(gm, example_inputs):
         for n in gm.graph.nodes:
-            if "scaled_dot_product_attention" in str(n.target):
+            if n.target is torch.nn.attention._sdpa_kernel:
+                seen.append(tuple(a.args[0] for a in n.args[0]))
+            elif "scaled_dot_product_attention" in str(n.target):
                 mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
                 seen.append((mask is not None, n.kwargs.get("is_causal", False)))
         return gm.forward
@@ -203,6 +206,11 @@ def test_compiled_model_attends_with_is_causal_not_an_explicit_mask():
     assert calls == [(False, True)] * 2
     assert torch.allclose(logits, want, atol=1e-5)
     assert model.config._attn_implementation == "sdpa"  # restored: the saved config is unchanged
+    # A chosen kernel order is part of the graph (compile caches key on the graph, not on flags).
+    from torch.nn.attention import SDPBackend as B
+    with torch.no_grad(), engine.causal_attention(model, [B.MATH, B.FLASH_ATTENTION]):
+        calls, _ = sdpa_calls_when_compiled(model, x)
+    assert calls[:2] == [("MATH", "FLASH_ATTENTION"), (False, True)] and len(calls) == 6
     # A sliding-window model needs its mask: left alone.
     local = MistralForCausalLM(MistralConfig(**shape, sliding_window=8))
     with engine.causal_attention(local):

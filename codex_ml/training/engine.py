@@ -99,14 +99,28 @@ def _causal_sdpa_mask(*, attention_mask=None, q_length=None, kv_length=None, q_o
                      q_offset=q_offset, kv_offset=kv_offset, **kw)
 
 
+def _pinned(attend, backends):
+    """`attend` inside sdpa_kernel(backends): traced by torch.compile, the choice becomes part of
+    the graph. Compile's caches (AOTAutograd's, inductor's) key on the graph, not on the global SDPA
+    flags, so a choice set only around training got the kernel of whatever compiled that graph
+    first (H200: `attention: flash` after an `auto` run ran cuDNN's kernel)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def pinned(*a, **k):
+        with sdpa_kernel(backends, set_priority=True):
+            return attend(*a, **k)
+    return pinned
+
+
 @contextlib.contextmanager
-def causal_attention(model):
+def causal_attention(model, backends=None):
     """While training, run a model that uses SDPA with is_causal instead of an explicit mask. The
     engine's batches are input_ids and labels only: no padding, no attention mask, no position ids
     (so the model's positions are 0..T-1 and no packed-sequence mask applies), so for a decoder with
     full attention in every layer the two are the same attention. Models with sliding-window or
     chunked layers keep their masks. The model's own setting is back afterwards, so the saved
-    config is unchanged."""
+    config is unchanged. `backends` (see attention_backends) pins SDPA's kernel order inside the
+    model's graph."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -119,7 +133,8 @@ def causal_attention(model):
     if before != "sdpa" or local:
         yield
         return
-    AttentionInterface.register(CAUSAL_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
+    attend = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionInterface.register(CAUSAL_SDPA, _pinned(attend, backends) if backends else attend)
     ALL_MASK_ATTENTION_FUNCTIONS.register(CAUSAL_SDPA, _causal_sdpa_mask)
     try:
         base.set_attn_implementation(CAUSAL_SDPA)
@@ -382,9 +397,10 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         from torch.nn.attention import sdpa_kernel
 
         backends = attention_backends(t.attention)
-        # Compilation picks the attention kernel while tracing: the choice holds from the start.
+        # Compilation picks the attention kernel while tracing, so the choice holds from the start;
+        # causal_attention also pins it inside the model's graph (compile caches ignore the flags).
         with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext(), \
-                causal_attention(model):
+                causal_attention(model, backends):
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_s = out.metrics.get("train_runtime")
     st = trainer.state
