@@ -164,7 +164,7 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=g)
     losses, times = [], []
-    t_prev = None
+    t_prev, acc, n = None, None, 0
     for step in range(steps):
         idx = order[(step * batch) % len(order):][:batch]
         if len(idx) < batch:
@@ -183,15 +183,20 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
         opt.zero_grad(set_to_none=True)
         if probe:
             probe.step_end(step + 1)
-        if step % 10 == 0 or step == steps - 1:
-            losses.append((step + 1, loss.item()))  # .item() syncs: once per 10 steps
-            if step % 50 == 0:
-                print(f"  baseline step {step + 1} loss {losses[-1][1]:.3f} {time.strftime('%T')}",
+        acc, n = (loss.detach() if n == 0 else acc + loss.detach()), n + 1
+        done = step + 1
+        # Logged like the Trainer logs: the mean since the last log, at step 1 and every 10th,
+        # so the two curves compare at the same steps.
+        if done == 1 or done % 10 == 0 or done == steps:
+            losses.append((done, (acc / n).item()))  # .item() syncs: once per 10 steps
+            n = 0
+            if done == 1 or done % 50 == 0:
+                print(f"  baseline step {done} loss {losses[-1][1]:.3f} {time.strftime('%T')}",
                       flush=True)
             now = time.perf_counter()
             if t_prev is not None:
-                times.append((step + 1, (now - t_prev[1]) / (step + 1 - t_prev[0])))
-            t_prev = (step + 1, now)
+                times.append((done, (now - t_prev[1]) / (done - t_prev[0])))
+            t_prev = (done, now)
     return {"losses": losses, "step_times": times}
 
 
@@ -200,16 +205,20 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     if "float8" in overrides:
         convert_float8(model, overrides.pop("float8"),
                        tuple(x for x in overrides.pop("float8_skip", "").split("/") if x))
-    orig_args = engine.training_args
-    if overrides.pop("blocking_copy", None):  # ablation: accelerate's default blocking batch copy
+    blocking_copy = overrides.pop("blocking_copy", None)
+    no_rope_table = overrides.pop("rope_table", "1") == "0"
+    t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
+                     max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
+                     eval_batches=1, **overrides)
+    orig_args, orig_rope = engine.training_args, engine.rope_table
+    if blocking_copy:  # ablation: accelerate's default blocking batch copy
         def blocking(*a, **k):
             args = orig_args(*a, **k)
             args.accelerator_config.non_blocking = args.dataloader_pin_memory = False
             return args
         engine.training_args = blocking
-    t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
-                     max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
-                     eval_batches=1, **overrides)
+    if no_rope_table:  # ablation: rotary cos/sin computed in every layer, every step
+        engine.rope_table = lambda model: contextlib.nullcontext()
     from transformers import TrainerCallback
 
     marks = []
@@ -232,7 +241,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
         trainer, res = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir,
                                     callbacks=[Clock()])
     finally:
-        engine.training_args = orig_args
+        engine.training_args, engine.rope_table = orig_args, orig_rope
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     times = [(s1, (t1 - t0) / (s1 - s0)) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s1 > s0]
     return {"losses": losses, "step_times": times, "result": res.as_dict()}
@@ -258,7 +267,7 @@ def main() -> None:
                          "key mode = its compile mode, causal:1 = with the engine's causal "
                          "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
-                         "float8_skip:lm_head/..., blocking_copy:1), e.g. "
+                         "float8_skip:lm_head/..., blocking_copy:1, rope_table:0), e.g. "
                          "engine-flash=compile_mode:default+attention:flash")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")

@@ -5,8 +5,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1 TQDM_DISABLE=1
 if [ -d .whl ] && [ -z "${NO_WHL:-}" ]; then  # NO_WHL=1: a dry run on the CPU machine
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+  # Once per machine: a script sourcing this again must not reinstall under a running one.
+  [ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 &&
+    touch /tmp/site/.installed; } || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site
 fi
 export OUT=${OUT:-/tmp/out}

@@ -20,7 +20,8 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
         [sys.executable, ROOT / "bench" / "bench_train_gpu.py", "--cpu-smoke", "--seq", "64",
          "--steps", "12", "--skip", "4", "--profile", "2", "--sync-debug",
          "--tokenizer", workspace / "models" / "tokenizer", "--splits", workspace / "data" / "splits",
-         "--variants", "baseline,baseline-causal=causal:1,engine,engine-blocking=blocking_copy:1", "--out", out],
+         "--variants", "baseline,baseline-causal=causal:1,engine,"
+         "engine-blocking=blocking_copy:1+rope_table:0", "--out", out],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]

@@ -22,8 +22,9 @@ def gpus() -> int:
     return torch.cuda.device_count()
 
 
-def tiny_run(workspace, tmp_path, **train):
-    p = params(train=dict(dict(max_steps=40, save_every=1000, eval_every=20, log_every=5), **train))
+def tiny_run(workspace, tmp_path, model=None, **train):
+    p = params(train=dict(dict(max_steps=40, save_every=1000, eval_every=20, log_every=5), **train),
+               model=model or {})
     tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
     tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
     va = pack_split(workspace / "data" / "splits", "val", tok, 32)
@@ -91,11 +92,15 @@ ATTENTION_KERNELS = {  # how each SDPA backend's CUDA kernels are named (cuDNN's
 
 def test_compiled_engine_runs_the_chosen_attention_kernel(workspace, tmp_path):
     """Under torch.compile transformers passed SDPA an explicit mask, so the choice was ignored
-    (cuDNN's masked kernel ran for every choice on an H200); engine.causal_attention fixes that."""
+    (cuDNN's masked kernel ran for every choice on an H200); engine.causal_attention fixes that.
+    And compile's caches ignore the global SDPA flags, so the choice must be part of the graph
+    (engine._pinned): before that, `flash` after `auto` ran cuDNN's kernel."""
     for choice, is_it in ATTENTION_KERNELS.items():
         torch._dynamo.reset()  # else the next model reuses this one's traced graph (and kernel)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            tiny_run(workspace, tmp_path / choice, attention=choice, compile="on", max_steps=3)
+            # Head dim 64, no GQA: a shape every one of the three kernels takes.
+            tiny_run(workspace, tmp_path / choice, attention=choice, compile="on", max_steps=3,
+                     model=dict(hidden_size=128, n_heads=2, n_kv_heads=2))
         names = {e.key.lower() for e in prof.key_averages() if e.self_device_time_total > 0}
         attn = [n for n in names if any(f(n) for f in ATTENTION_KERNELS.values())]
         assert attn and all(is_it(n) for n in attn), (choice, attn)
