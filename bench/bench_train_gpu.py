@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -147,6 +148,17 @@ def make_model(tok, shape: dict, seed: int):
     return build_scratch(m, tok, shape["context_length"])
 
 
+def engine_batches(n: int, batch: int, seed: int):
+    """The engine's batches of block indices, in its order, so both loops see the same data and
+    their loss curves compare step by step: accelerate's seedable sampler permutes the blocks with
+    seed + epoch each epoch, and the Trainer drops the last partial batch (tests/test_bench.py
+    checks this against the engine)."""
+    for epoch in itertools.count():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        for i in range(n // batch):
+            yield perm[i * batch:(i + 1) * batch]
+
+
 def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
              warmup: int, mode: str = "default", probe: Probe | None = None) -> dict:
     """The plain loop: bf16 autocast, torch.compile, fused AdamW, no framework."""
@@ -161,14 +173,11 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
                             betas=(0.9, 0.95), fused=dev == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, steps - warmup)))))
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(blocks), generator=g)
+    batches = engine_batches(len(blocks), batch, seed)
     losses, times = [], []
     t_prev, acc, n = None, None, 0
     for step in range(steps):
-        idx = order[(step * batch) % len(order):][:batch]
-        if len(idx) < batch:
-            idx = order[:batch]
+        idx = next(batches)
         if probe:
             probe.step_begin(step)
         x = blocks[idx].to(dev, non_blocking=True)

@@ -1,5 +1,6 @@
 """The GPU benchmark's own code, on the CPU (--cpu-smoke), so a script error never costs device
-time: every variant kind runs, the profile and sync probes report, the JSON has the ratios."""
+time: every variant kind runs, the profile and sync probes report, the JSON has the ratios; and the
+plain loop trains on the engine's batches in the engine's order."""
 
 from __future__ import annotations
 
@@ -31,3 +32,31 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
         prof = row["profile"]
         assert prof["gpu_busy_ms_per_step"] > 0 and prof["top_kernels"], name
     assert rows["engine"]["ratio_vs_baseline"] > 0
+
+
+def test_the_plain_loop_draws_the_engines_batches_in_the_engines_order(workspace, tmp_path):  # noqa: F811
+    """The benchmark compares the two loss curves step by step, so the plain loop must train on the
+    same batches in the same order as the engine, across epochs."""
+    import importlib.util
+
+    import torch
+    from test_training import params
+
+    from codex_ml import modeling
+    from codex_ml.training import engine
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "bench_train_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    p = params(train=dict(max_steps=7, eval_every=1000, save_every=1000))
+    n = 10  # 2 batches of 4 per epoch (2 left over): 7 steps span 4 epochs
+    blocks = torch.randint(0, 200, (n, 32))
+    blocks[:, 0] = torch.arange(n)  # each block's first token names it
+    model = modeling.build(p.model, modeling.load_tokenizer(workspace / "models" / "tokenizer"), 32)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["input_ids"][:, 0].tolist()) if m.training else None,
+        with_kwargs=True)
+    engine.train(model, blocks, blocks[:4], p.train, seed=p.seed, out_dir=tmp_path)
+    want = bench.engine_batches(n, p.train.batch_size, p.seed)
+    assert seen == [next(want).tolist() for _ in range(7)]
