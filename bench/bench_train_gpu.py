@@ -33,6 +33,10 @@ from codex_ml.modeling import build_scratch, load_tokenizer  # noqa: E402
 from codex_ml.training import engine  # noqa: E402
 from codex_ml.training.data import pack_split  # noqa: E402
 
+# What torch says for each sync in sync-debug mode. Not just "synchroniz": turning the mode on
+# also warns, once per process, "Synchronization debug mode is a prototype feature", which was
+# counted as a sync of the first variant (the plain loop's 0.2 per step before 2026-11-30).
+SYNC_WARNING = "called a synchronizing CUDA operation"
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM, nanoGPT's MFU denominator
 
 
@@ -82,10 +86,10 @@ class Probe:
         """Count the sync-debug warnings by the Python line that caused them (each one, not just
         the first per line); other warnings pass through as before."""
         self._saved = warnings.showwarning, warnings.filters[:]
-        warnings.filterwarnings("always", message=".*synchroniz")
+        warnings.filterwarnings("always", message=SYNC_WARNING)
 
         def show(message, category, filename, lineno, *a, **k):
-            if "synchroniz" in str(message):
+            if SYNC_WARNING in str(message):
                 where = f"{Path(filename).name}:{lineno}"
                 self.syncs[where] = self.syncs.get(where, 0) + 1
             else:
