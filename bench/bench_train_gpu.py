@@ -231,7 +231,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
             return args
         engine.training_args = blocking
     if no_rope_table:  # ablation: rotary cos/sin computed in every layer, every step
-        engine.rope_table = lambda model: contextlib.nullcontext()
+        engine.rope_table = lambda model, length=0: contextlib.nullcontext()
     from transformers import TrainerCallback
 
     marks = []

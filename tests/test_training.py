@@ -248,7 +248,7 @@ def test_rope_table_gives_the_same_logits_without_computing_cos_sin_in_the_graph
                                          num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=4, max_position_embeddings=64,
                                          use_cache=False)).eval()
-    x = torch.randint(0, 64, (2, 64))
+    x = torch.randint(0, 64, (2, 80))  # longer than max_position_embeddings: still covered
     keys = set(model.state_dict())
 
     def trig_ops():
@@ -265,7 +265,7 @@ def test_rope_table_gives_the_same_logits_without_computing_cos_sin_in_the_graph
 
     with torch.no_grad():
         want, plain = model(input_ids=x).logits, trig_ops()
-        with engine.rope_table(model):
+        with engine.rope_table(model, length=80):
             assert torch.equal(model(input_ids=x).logits, want)
             assert plain and not trig_ops()
     assert set(model.state_dict()) == keys and "forward" not in vars(model.model.rotary_emb)

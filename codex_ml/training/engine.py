@@ -134,24 +134,26 @@ def causal_attention(model, backends=None):
 
 
 @contextlib.contextmanager
-def rope_table(model):
+def rope_table(model, length: int = 0):
     """While training, rotary embeddings read cos/sin from a table made once instead of computing
     them in every step. Compiled, inductor fused the cos/sin computation into each layer's q/k
     rotation kernels, so all 12 layers recomputed it, forward and backward: 2.5 ms of a 37 ms step
-    (H200, GPT-2-small shape). The same fp32 arithmetic (bit for bit in eager mode). Only for the plain RoPE
+    (H200, GPT-2-small shape). The same fp32 arithmetic (bit for bit in eager mode). The table
+    covers max_position_embeddings and `length` (the block size). Only for the plain RoPE
     (rope_type default) that holds its table fixed; dynamic variants keep computing theirs."""
     base = getattr(model, "get_base_model", lambda: model)()
     rots = [m for m in base.modules() if getattr(m, "rope_type", None) == "default"
             and isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
-    n = getattr(getattr(base, "config", None), "max_position_embeddings", None)
+    n = max(getattr(getattr(base, "config", None), "max_position_embeddings", 0) or 0, length)
     if not n:
         rots = []
     for rot in rots:
+        scale = getattr(rot, "attention_scaling", 1.0)
         freqs = torch.arange(n, device=rot.inv_freq.device).float()[:, None] * rot.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         # Buffers, so the table follows the model's moves between devices; not saved.
-        rot.register_buffer("_rope_cos", emb.cos() * rot.attention_scaling, persistent=False)
-        rot.register_buffer("_rope_sin", emb.sin() * rot.attention_scaling, persistent=False)
+        rot.register_buffer("_rope_cos", emb.cos() * scale, persistent=False)
+        rot.register_buffer("_rope_sin", emb.sin() * scale, persistent=False)
 
         def forward(x, position_ids, *a, _rot=rot, **k):
             return (_rot._rope_cos[position_ids].to(x.dtype),
@@ -417,7 +419,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         # Compilation picks the attention kernel while tracing, so the choice holds from the start;
         # causal_attention also pins it inside the model's graph (compile caches ignore the flags).
         with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext(), \
-                causal_attention(model, backends), rope_table(model):
+                causal_attention(model, backends), rope_table(model, t.block_size):
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_s = out.metrics.get("train_runtime")
     st = trainer.state
