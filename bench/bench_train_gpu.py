@@ -6,6 +6,7 @@ MFU (nanoGPT's formula), the engine/baseline ratio, peak memory, and whether the
 
     python bench/bench_train_gpu.py --tokenizer models/tokenizer --splits data/splits
     python bench/bench_train_gpu.py --cpu-smoke          # a tiny shape on the CPU, to check the code
+    torchrun --nproc_per_node 2 bench/bench_train_gpu.py --variants engine --profile 5   # DDP
 
 The engine is called through codex_ml.training.engine.train: the stage's code path, not a copy.
 """
@@ -49,6 +50,7 @@ def flops_per_token(model, seq: int) -> float:
 
 
 KERNEL_KINDS = [  # (kind, substrings of the CUDA kernel's name), first match wins
+    ("nccl", ("nccl",)),  # DDP's all-reduce, under torchrun
     ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),  # cuDNN's names say wgmma too
     ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "wgmma", "scaled_mm", "cublas", "splitk")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
@@ -358,6 +360,14 @@ def main() -> None:
         print("no CUDA GPU: running the tiny --cpu-smoke shape (the figures mean nothing here)")
         args.cpu_smoke = True
 
+    rank, ws = engine.world()
+    if ws > 1:  # under torchrun: engine variants only, as DDP; rank 0 reports (global tokens/s)
+        import torch.distributed as dist
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if rank:
+            sys.stdout = open(os.devnull, "w")
     shape = dict(n_layers=12, hidden_size=768, n_heads=12, n_kv_heads=12, intermediate_size=2048,
                  context_length=args.seq)
     if args.cpu_smoke:
@@ -377,6 +387,9 @@ def main() -> None:
     for spec in args.variants.split(","):
         v, _, kv = spec.partition("=")
         overrides = dict(item.split(":", 1) for item in kv.split("+") if item)
+        if ws > 1 and v.startswith("baseline"):
+            print(f"{v}: skipped (the plain loop runs on one GPU only)")
+            continue
         # Dynamo would reuse the previous variant's compiled graph for the new model (its guards
         # check the module's type, not which one): choices made while tracing, like the attention
         # kernel, would then be the first variant's.
@@ -404,10 +417,10 @@ def main() -> None:
             print(f"{v}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             continue
         step_s = steady(r["step_times"], args.skip)
-        tps = args.batch * args.seq / step_s
+        tps = args.batch * args.seq * ws / step_s
         r.update(variant=v, overrides=overrides, wall_s=round(time.perf_counter() - t0, 1),
                  tokens_per_s=round(tps),
-                 mfu=round(tps * fpt / H100_BF16_PEAK, 4), flops_per_token=fpt,
+                 mfu=round(tps / ws * fpt / H100_BF16_PEAK, 4), flops_per_token=fpt,
                  params=sum(p.numel() for p in model.parameters()),
                  peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
                  if torch.cuda.is_available() else None)
@@ -418,15 +431,17 @@ def main() -> None:
                   f"{ps['gpu_busy_ms_per_step']} ms: {ps['ms_per_step_by_kind']}; syncs/step "
                   f"{ {k: n / args.profile for k, n in ps['syncs'].items()} }", flush=True)
         rows[v] = r
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # partial results survive a timeout
-        Path(args.out).write_text(json.dumps({"partial": True, "rows": rows}, default=str))
+        if rank == 0:  # partial results survive a timeout
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"partial": True, "rows": rows}, default=str))
         print(f"{v:14s} {tps:12,.0f} tok/s  MFU {r['mfu']:.1%}  peak {r['peak_mem_gib']} GiB  "
               f"final loss {r['losses'][-1][1]:.3f}  wall {r['wall_s']}s", flush=True)
         del model
     report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name()
               if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
               "transformers": __import__("transformers").__version__, "shape": shape,
-              "batch": args.batch, "seq": args.seq, "steps": args.steps, "rows": rows}
+              "batch": args.batch, "seq": args.seq, "steps": args.steps, "world_size": ws,
+              "rows": rows}
     if "baseline" in rows:
         base = rows["baseline"]
         for v, r in rows.items():
@@ -441,9 +456,10 @@ def main() -> None:
             print(f"{v}: {r['ratio_vs_baseline']:.2f}x baseline; mean |loss gap| over steps "
                   f"{args.steps // 2}-{args.steps}: {gap:.3f} (final {r['losses'][-1][1]:.3f} vs "
                   f"{base['losses'][-1][1]:.3f})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {args.out}")
+    if rank == 0:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 #   || GPU 1: the 1-GPU stage run at PER_GPU_BATCH x 1024 (default 16; the DDP scaling reference),
 #      then the 1-GPU tests (TESTS: a pytest -k expression)
 #   then both GPUs: the DDP stage run at PER_GPU_BATCH per GPU; DDP_TESTS=1 adds the DDP kill -9/resume
-#   and FSDP tests.
+#   and FSDP tests; DDP_PROFILE=1 the engine under torchrun with a kernel profile (NCCL included).
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
@@ -24,6 +24,12 @@ fi
 wait; echo "== GPU 1 (1 x $B stage run, 1-GPU tests)"; cat $OUT/gpu1.txt
 echo "== 2 GPUs $(date +%T)"
 RUN_TIMEOUT=${DDP_TIMEOUT:-150} ddp g2_b$B 2 ddp 300 $B
+if [ -n "${DDP_PROFILE:-}" ]; then
+  timeout 200 python3 -m torch.distributed.run --standalone --nproc_per_node 2 bench/bench_train_gpu.py --tokenizer $DATA/tokenizer \
+    --splits $DATA/splits --steps 150 --batch $B --skip 50 --profile 5 --variants engine \
+    --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1
+  grep -E "tok/s|profile|FAILED|Error" $OUT/bench_ddp_full.txt | tee $OUT/bench_ddp.txt
+fi
 if [ -n "${DDP_TESTS:-}" ]; then
   timeout 220 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE -k "ddp or fsdp" \
     2>&1 | tail -n 15 | tee $OUT/pytest_ddp.txt

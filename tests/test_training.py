@@ -412,6 +412,32 @@ def test_two_ranks_resume_after_kill_9_of_the_whole_job(workspace, tmp_path):
                         train=dict(max_steps=80, save_every=10, eval_every=10))
 
 
+def test_check_data_names_what_is_too_small():
+    from codex_ml.stage import UserError
+
+    t = params().train
+    blocks = torch.zeros((t.batch_size, t.block_size), dtype=torch.long)
+    assert engine.check_data(blocks, blocks[:1], t) == t.batch_size
+    with pytest.raises(UserError, match="train split packs into 3 blocks"):
+        engine.check_data(blocks[:3], blocks, t)
+    with pytest.raises(UserError, match="val split packs into 0 blocks"):
+        engine.check_data(blocks, blocks[:0], t)
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_with_fewer_eval_batches_than_ranks(workspace, tmp_path):
+    """Each rank must get whole eval batches (the eval loader drops partial ones): with
+    eval_batches = 1 on two ranks, one batch split in halves gave no eval loss at all, and the
+    Trainer failed at its first evaluation (KeyError 'eval_loss')."""
+    d = stage_dir(workspace, tmp_path, train=dict(max_steps=4, save_every=1000, eval_every=2,
+                                                  eval_batches=1))
+    proc = stage(d, 2)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    m = json.loads((d / "metrics" / "train.json").read_text())
+    assert m["world_size"] == 2 and m["final_val_loss"] is not None, m
+
+
 def weights(model_dir: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(model_dir / "model.safetensors")

@@ -350,8 +350,11 @@ def check_data(train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train) -
         raise UserError(f"train split packs into {len(train_blocks)} blocks of {t.block_size} "
                         f"tokens, fewer than one step needs ({per_step}); lower train.batch_size "
                         "or train.block_size, or add data")
-    if len(val_blocks) == 0:
-        raise UserError(f"val split has fewer than train.block_size = {t.block_size} tokens")
+    ranks = world()[1]
+    if len(val_blocks) < ranks:
+        raise UserError(f"val split packs into {len(val_blocks)} blocks of {t.block_size} tokens, "
+                        f"fewer than the {ranks} ranks (each evaluates at least one); lower "
+                        "train.block_size or add data")
     return per_step
 
 
@@ -366,8 +369,11 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     ws = world()[1]
     max_steps = max_steps or t.max_steps
     per_step = check_data(train_blocks, val_blocks, t)
-    eval_batch = min(t.batch_size, len(val_blocks))
-    val_blocks = evenly_spaced(val_blocks, t.eval_batches * eval_batch)
+    # Every rank evaluates whole batches (the eval loader drops a partial one): with eval_batches
+    # below the number of ranks, a rank got half a batch and evaluation had no loss at all.
+    eval_batch = min(t.batch_size, len(val_blocks) // ws)
+    per_rank = max(1, min(math.ceil(t.eval_batches / ws), len(val_blocks) // (ws * eval_batch)))
+    val_blocks = evenly_spaced(val_blocks, per_rank * ws * eval_batch)
 
     precision, compiled = resolve_precision(t.precision), resolve_compile(t.compile)
     out_dir = Path(out_dir)
