@@ -150,10 +150,12 @@ def convert_float8(model, recipe: str, skip: tuple[str, ...] = ()) -> None:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of softmax(h @ w.T) against y (-100 = ignored), in `chunks` pieces of
-    tokens, never holding all the logits: the gradients are made chunk by chunk in the forward
-    (as Liger's fused linear cross-entropy does, but in plain torch ops that torch.compile traces;
-    Liger's did not trace on torch 2.11). Matmuls in the autocast dtype, softmax in fp32."""
+    """Summed cross-entropy of softmax(h @ w.T) against y (-100 = ignored), token chunk by token
+    chunk: each chunk's logits are made, reduced and turned into their softmax gradient while they
+    are hot in L2, and the input's gradient is taken right there; the weight's gradient is one
+    matmul over all the chunks' softmax gradients (no per-chunk accumulation into a V x D buffer:
+    that would re-read 150 MB per chunk). Plain torch ops, which torch.compile traces (Liger's fused
+    linear cross-entropy did not, on torch 2.11). Matmuls in the autocast dtype, softmax in fp32."""
 
     @staticmethod
     def forward(ctx, h, w, y, chunks: int):
@@ -161,7 +163,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
         hd, wd = h.to(dt), w.to(dt)
         total = torch.zeros((), device=h.device, dtype=torch.float32)
-        gh, gw = [], torch.zeros(w.shape, device=w.device, dtype=torch.float32)
+        gs, gh = [], []
         vocab = torch.arange(w.shape[0], device=h.device)
         for hc, yc in zip(hd.chunk(chunks), y.chunk(chunks)):
             logits = (hc @ wd.t()).float()
@@ -170,8 +172,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             hit = vocab[None, :] == yc[:, None]
             total = total + torch.where(keep & hit, lse[:, None] - logits, 0).sum()
             g = torch.where(keep, (logits - lse[:, None]).exp() - hit.float(), 0).to(dt)
+            gs.append(g)
             gh.append(g @ wd)
-            gw += (g.t() @ hc).float()
+        gw = torch.cat(gs).t() @ hd
         ctx.save_for_backward(torch.cat(gh).to(h.dtype), gw.to(w.dtype))
         return total
 
@@ -183,8 +186,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def chunked_linear_ce(model, chunks: int) -> None:
     """While training, `model` (a transformers causal LM) computes its loss with
-    LinearCrossEntropy instead of materialising all the logits (16 x 1024 x 50k: 1.6 GB in bf16,
-    and the log-softmax kernels over them took ~2.5 ms of a 35 ms step on an H200). Same loss as
+    LinearCrossEntropy instead of making all the logits and passing over them four times (16 x 1024
+    x 50k: 1.6 GB in bf16; the log-softmax kernels and a fill took ~3 ms of a 35 ms step, H200). Same loss as
     transformers' (labels shifted, -100 ignored, divided by num_items_in_batch when the Trainer
     gives it); no logits in the output. Eval keeps the model's own forward. A benchmark variant
     until measured (`linear_ce:CHUNKS`)."""
