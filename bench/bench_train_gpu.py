@@ -259,10 +259,10 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if probe:
-            probe.step_end(step + 1)
-        acc, n = (loss.detach() if n == 0 else acc + loss.detach()), n + 1
         done = step + 1
+        if probe:
+            probe.step_end(done)
+        acc, n = (loss.detach() if n == 0 else acc + loss.detach()), n + 1
         # Logged like the Trainer logs: the mean since the last log, at step 1 and every 10th,
         # so the two curves compare at the same steps.
         if done == 1 or done % 10 == 0 or done == steps:

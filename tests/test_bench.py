@@ -67,14 +67,11 @@ def test_chunked_linear_cross_entropy_matches_the_models_own_loss_and_gradients(
     import copy
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from test_training import tiny_llama
 
     bench = load_bench()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=4, tie_word_embeddings=True,
-                                         use_cache=False)).train()
+    model = tiny_llama(vocab_size=96, tie_word_embeddings=True).train()
     x = torch.randint(0, 96, (3, 20))
     labels = x.clone()
     labels[0, 5:9] = -100

@@ -8,12 +8,11 @@ import json
 
 import pytest
 import torch
-from test_training import ddp_kill_and_resume, params, stage, stage_dir  # noqa: F401
+from test_training import ddp_kill_and_resume, params, stage, stage_dir, tiny_blocks  # noqa: F401
 from test_training import workspace  # noqa: F401 (a fixture)
 
 from codex_ml import modeling
 from codex_ml.training import engine
-from codex_ml.training.data import pack_split
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -25,9 +24,7 @@ def gpus() -> int:
 def tiny_run(workspace, tmp_path, model=None, **train):
     p = params(train=dict(dict(max_steps=40, save_every=1000, eval_every=20, log_every=5), **train),
                model=model or {})
-    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
-    tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
-    va = pack_split(workspace / "data" / "splits", "val", tok, 32)
+    tok, tr, va = tiny_blocks(workspace)
     torch.manual_seed(p.seed)
     model = modeling.build(p.model, tok, 32)
     return engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path)
@@ -77,9 +74,7 @@ def test_engine_steps_never_wait_for_the_gpu(workspace, tmp_path):
 
     p = params(train=dict(max_steps=10, save_every=1000, eval_every=1000, log_every=5,
                           compile="off"))
-    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
-    tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
-    va = pack_split(workspace / "data" / "splits", "val", tok, 32)
+    tok, tr, va = tiny_blocks(workspace)
     model = modeling.build(p.model, tok, 32)
     syncs = []
 

@@ -91,6 +91,27 @@ def params(**over) -> Params:
     return Params.model_validate(raw)
 
 
+def tiny_blocks(workspace):
+    """The workspace's tokenizer and its train and val splits packed into 32-token blocks."""
+    from codex_ml import modeling
+    from codex_ml.training.data import pack_split
+
+    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
+    splits = workspace / "data" / "splits"
+    return tok, pack_split(splits, "train", tok, 32), pack_split(splits, "val", tok, 32)
+
+
+TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, use_cache=False)
+
+
+def tiny_llama(**config):
+    """A 2-layer transformers Llama built directly (no tokenizer), for the engine's model hooks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **config}))
+
+
 def test_pack_puts_eos_between_docs_and_drops_the_remainder(workspace):
     from codex_ml.modeling import load_tokenizer
 
@@ -105,12 +126,9 @@ def test_pack_puts_eos_between_docs_and_drops_the_remainder(workspace):
 
 def test_tiny_model_trains_loss_falls_and_is_deterministic(workspace, tmp_path):
     from codex_ml import modeling
-    from codex_ml.training.data import pack_split
 
     p = params(train=dict(max_steps=30, save_every=1000, eval_every=1000))
-    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
-    tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
-    va = pack_split(workspace / "data" / "splits", "val", tok, 32)
+    tok, tr, va = tiny_blocks(workspace)
     weights = []
     for run in range(2):
         torch.manual_seed(p.seed)
@@ -130,12 +148,9 @@ def test_resuming_a_checkpoint_at_max_steps_trains_nothing_and_keeps_its_weights
     """A rerun that finds the final checkpoint (killed while writing the output, or rerun after a
     code change) must give that checkpoint's weights, not run a step past max_steps."""
     from codex_ml import modeling
-    from codex_ml.training.data import pack_split
 
     p = params(train=dict(max_steps=12, save_every=6, eval_every=6))
-    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
-    tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
-    va = pack_split(workspace / "data" / "splits", "val", tok, 32)
+    tok, tr, va = tiny_blocks(workspace)
     torch.manual_seed(p.seed)
     first = modeling.build(p.model, tok, 32)
     _, r1 = engine.train(first, tr, va, p.train, seed=p.seed, out_dir=tmp_path, fingerprint="f")
@@ -155,12 +170,9 @@ def test_bf16_training_does_not_copy_the_logits_to_fp32(workspace, tmp_path):
     """accelerate casts every output of a mixed-precision forward to fp32: for an LM a full fp32
     copy of the logits per step (about 3% of an H200 step). The engine removes that cast."""
     from codex_ml import modeling
-    from codex_ml.training.data import pack_split
 
     p = params(train=dict(max_steps=3, precision="bf16", save_every=1000, eval_every=1000))
-    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
-    tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
-    va = pack_split(workspace / "data" / "splits", "val", tok, 32)
+    tok, tr, va = tiny_blocks(workspace)
     model = modeling.build(p.model, tok, 32)
     trainer, res = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path)
     assert res.precision == "bf16" and res.steps == 3
@@ -192,12 +204,10 @@ def test_compiled_model_attends_with_is_causal_not_an_explicit_mask():
     """Under torch.compile (torch < 2.14) transformers hands SDPA a T x T mask, which rules out the
     flash kernels (on an H200 the mask kernel took 23% of a step). Inside causal_attention the
     compiled graph calls SDPA with is_causal and no mask, with the same logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM
 
-    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shape, use_cache=False)).eval()
+    model = tiny_llama().eval()
     x = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         want = model(input_ids=x).logits
@@ -212,7 +222,7 @@ def test_compiled_model_attends_with_is_causal_not_an_explicit_mask():
         calls, _ = sdpa_calls_when_compiled(model, x)
     assert calls[:2] == [("MATH", "FLASH_ATTENTION"), (False, True)] and len(calls) == 6
     # A sliding-window model needs its mask: left alone.
-    local = MistralForCausalLM(MistralConfig(**shape, sliding_window=8))
+    local = MistralForCausalLM(MistralConfig(**TINY_LLAMA, sliding_window=8))
     with engine.causal_attention(local):
         assert local.config._attn_implementation == "sdpa"
 
@@ -221,11 +231,7 @@ def test_causal_attention_reads_nothing_back_to_the_host_in_eager_mode():
     """Eager, transformers checked the position ids for packed sequences with `.all()` in every
     forward: a value read back to the host, on a GPU a sync per step (found by the GPU test
     test_engine_steps_never_wait_for_the_gpu). causal_attention's model builds no mask at all."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=4, use_cache=False))
+    model = tiny_llama()
     x = torch.randint(0, 64, (2, 16))
 
     def host_reads():
@@ -241,13 +247,8 @@ def test_causal_attention_reads_nothing_back_to_the_host_in_eager_mode():
 def test_rope_table_gives_the_same_logits_without_computing_cos_sin_in_the_graph():
     """Compiled, the rotary cos/sin got recomputed inside every layer's q/k kernels (2.5 ms of a
     37 ms step on an H200); inside rope_table the model reads a table made once."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=4, max_position_embeddings=64,
-                                         use_cache=False)).eval()
+    model = tiny_llama(max_position_embeddings=64).eval()
     x = torch.randint(0, 64, (2, 80))  # longer than max_position_embeddings: still covered
     keys = set(model.state_dict())
 
@@ -276,12 +277,9 @@ def test_engine_trains_with_causal_attention_and_restores_the_model_setting(work
     from transformers import TrainerCallback
 
     from codex_ml import modeling
-    from codex_ml.training.data import pack_split
 
     p = params(train=dict(max_steps=2, save_every=1000, eval_every=1000))
-    tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
-    tr = pack_split(workspace / "data" / "splits", "train", tok, 32)
-    va = pack_split(workspace / "data" / "splits", "val", tok, 32)
+    tok, tr, va = tiny_blocks(workspace)
     model = modeling.build(p.model, tok, 32)
     seen = set()
 
