@@ -150,12 +150,16 @@ def convert_float8(model, recipe: str, skip: tuple[str, ...] = ()) -> None:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of softmax(h @ w.T) against y (-100 = ignored), token chunk by token
-    chunk: each chunk's logits are made, reduced and turned into their softmax gradient while they
-    are hot in L2, and the input's gradient is taken right there; the weight's gradient is one
-    matmul over all the chunks' softmax gradients (no per-chunk accumulation into a V x D buffer:
-    that would re-read 150 MB per chunk). Plain torch ops, which torch.compile traces (Liger's fused
-    linear cross-entropy did not, on torch 2.11). Matmuls in the autocast dtype, softmax in fp32."""
+    """Summed cross-entropy of softmax(h @ w.T) against y (-100 = ignored), computed chunk by chunk
+    of tokens together with its gradient. Per chunk: the logits (one matmul), their logsumexp (one
+    pass), the target's logit (a gather, no pass), and the softmax gradient written straight into
+    one buffer G for all tokens (a second pass); a chunk of 256 tokens x 50k is 26 MB in bf16, so
+    both passes can hit L2. Then dh = G @ w and dw = G.T @ h as two large matmuls: per chunk they
+    would be thin matmuls (M = 256, N = 768) that split-K badly, or a V x D accumulator re-read
+    every chunk. The transformers path instead writes the logits, an fp32 log-softmax, its
+    gradient and a fill (~3 ms of a 35 ms step, H200). Plain torch ops, which torch.compile traces
+    (Liger's fused linear cross-entropy did not, on torch 2.11). Matmuls in the autocast dtype,
+    the softmax in fp32."""
 
     @staticmethod
     def forward(ctx, h, w, y, chunks: int):
@@ -163,19 +167,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
         hd, wd = h.to(dt), w.to(dt)
         total = torch.zeros((), device=h.device, dtype=torch.float32)
-        gs, gh = [], []
+        gs = []
         vocab = torch.arange(w.shape[0], device=h.device)
         for hc, yc in zip(hd.chunk(chunks), y.chunk(chunks)):
             logits = (hc @ wd.t()).float()
             lse = logits.logsumexp(-1)
-            keep = (yc != -100)[:, None]
+            keep = yc != -100
+            target = logits.gather(1, yc.clamp(min=0)[:, None])[:, 0]
+            total = total + torch.where(keep, lse - target, 0).sum()
             hit = vocab[None, :] == yc[:, None]
-            total = total + torch.where(keep & hit, lse[:, None] - logits, 0).sum()
-            g = torch.where(keep, (logits - lse[:, None]).exp() - hit.float(), 0).to(dt)
-            gs.append(g)
-            gh.append(g @ wd)
-        gw = torch.cat(gs).t() @ hd
-        ctx.save_for_backward(torch.cat(gh).to(h.dtype), gw.to(w.dtype))
+            gs.append(torch.where(keep[:, None], (logits - lse[:, None]).exp() - hit.float(), 0)
+                      .to(dt))
+        g = torch.cat(gs)
+        ctx.save_for_backward((g @ wd).to(h.dtype), (g.t() @ hd).to(w.dtype))
         return total
 
     @staticmethod
@@ -285,6 +289,11 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     if "float8" in overrides:
         convert_float8(model, overrides.pop("float8"),
                        tuple(x for x in overrides.pop("float8_skip", "").split("/") if x))
+    # inductor:NAME/NAME turns those boolean inductor settings on for this variant, e.g.
+    # coordinate_descent_tuning (block sizes of the generated kernels tuned while compiling).
+    import torch._inductor.config
+
+    inductor = {k: True for k in overrides.pop("inductor", "").split("/") if k}
     blocking_copy = overrides.pop("blocking_copy", None)
     no_rope_table = overrides.pop("rope_table", "1") == "0"
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
@@ -318,8 +327,9 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
                 probe.step_end(state.global_step)
 
     try:
-        trainer, res = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir,
-                                    callbacks=[Clock()])
+        with torch._inductor.config.patch(inductor):
+            trainer, res = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir,
+                                        callbacks=[Clock()])
     finally:
         engine.training_args, engine.rope_table = orig_args, orig_rope
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
