@@ -24,7 +24,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from types import MethodType
 
 import torch
 
@@ -149,72 +148,6 @@ def convert_float8(model, recipe: str, skip: tuple[str, ...] = ()) -> None:
                                module_filter_fn=keep)
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of softmax(h @ w.T) against y (-100 = ignored), computed chunk by chunk
-    of tokens together with its gradient. Per chunk: the logits (one matmul), their logsumexp (one
-    pass), the target's logit (a gather, no pass), and the softmax gradient written straight into
-    one buffer G for all tokens (a second pass); a chunk of 256 tokens x 50k is 26 MB in bf16, so
-    both passes can hit L2. Then dh = G @ w and dw = G.T @ h as two large matmuls: per chunk they
-    would be thin matmuls (M = 256, N = 768) that split-K badly, or a V x D accumulator re-read
-    every chunk. The transformers path instead writes the logits, an fp32 log-softmax, its
-    gradient and a fill (~3 ms of a 35 ms step, H200). Plain torch ops, which torch.compile traces
-    (Liger's fused linear cross-entropy did not, on torch 2.11). Matmuls in the autocast dtype,
-    the softmax in fp32."""
-
-    @staticmethod
-    def forward(ctx, h, w, y, chunks: int):
-        kind = h.device.type
-        dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
-        hd, wd = h.to(dt), w.to(dt)
-        total = torch.zeros((), device=h.device, dtype=torch.float32)
-        gs = []
-        vocab = torch.arange(w.shape[0], device=h.device)
-        for hc, yc in zip(hd.chunk(chunks), y.chunk(chunks)):
-            logits = (hc @ wd.t()).float()
-            lse = logits.logsumexp(-1)
-            keep = yc != -100
-            target = logits.gather(1, yc.clamp(min=0)[:, None])[:, 0]
-            total = total + torch.where(keep, lse - target, 0).sum()
-            hit = vocab[None, :] == yc[:, None]
-            gs.append(torch.where(keep[:, None], (logits - lse[:, None]).exp() - hit.float(), 0)
-                      .to(dt))
-        g = torch.cat(gs)
-        ctx.save_for_backward((g @ wd).to(h.dtype), (g.t() @ hd).to(w.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        gh, gw = ctx.saved_tensors
-        return gh * grad, gw * grad, None, None
-
-
-def chunked_linear_ce(model, chunks: int) -> None:
-    """While training, `model` (a transformers causal LM) computes its loss with
-    LinearCrossEntropy instead of making all the logits and passing over them four times (16 x 1024
-    x 50k: 1.6 GB in bf16; the log-softmax kernels and a fill took ~3 ms of a 35 ms step, H200). Same loss as
-    transformers' (labels shifted, -100 ignored, divided by num_items_in_batch when the Trainer
-    gives it); no logits in the output. Eval keeps the model's own forward. A benchmark variant
-    until measured (`linear_ce:CHUNKS`)."""
-    import torch.nn.functional as F
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    own = type(model).forward
-
-    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kw):
-        if labels is None or not self.training:
-            return own(self, input_ids=input_ids, labels=labels,
-                       num_items_in_batch=num_items_in_batch, **kw)
-        h = self.model(input_ids=input_ids, **kw).last_hidden_state
-        y = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
-        total = LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), self.lm_head.weight, y,
-                                         chunks)
-        n = num_items_in_batch if num_items_in_batch is not None else (y != -100).sum()
-        return CausalLMOutputWithPast(loss=total / n)
-
-    # A bound method: accelerate wraps `model.forward.__func__`.
-    model.forward = MethodType(forward, model)
-
-
 def make_model(tok, shape: dict, seed: int):
     torch.manual_seed(seed)
     m = params.Model(**shape)
@@ -284,8 +217,6 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
 
 def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, overrides,
                probe: Probe | None = None) -> dict:
-    if "linear_ce" in overrides:
-        chunked_linear_ce(model, int(overrides.pop("linear_ce")))
     if "float8" in overrides:
         convert_float8(model, overrides.pop("float8"),
                        tuple(x for x in overrides.pop("float8_skip", "").split("/") if x))
@@ -357,8 +288,8 @@ def main() -> None:
                          "key mode = its compile mode, causal:1 = with the engine's causal "
                          "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
-                         "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, linear_ce:CHUNKS), e.g. "
-                         "engine-flash=compile_mode:default+attention:flash")
+                         "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, "
+                         "inductor:SETTING/SETTING), e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")
     ap.add_argument("--sync-debug", action="store_true",

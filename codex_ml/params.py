@@ -230,8 +230,13 @@ class Train(Strict):
     # Scaled-dot-product attention backend tried first on a GPU; auto keeps torch's own order.
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without
-    # materialising the logits): auto = on with a CUDA GPU when liger-kernel is installed.
+    # materialising the logits): auto = off (torch.compile cannot trace them on torch 2.11, and
+    # compile is the larger win); on = Liger without compile.
     fused_kernels: OnOff = "auto"
+    # The training loss: fused = the engine's linear cross-entropy that makes its gradient in the
+    # forward pass (a Triton kernel on a GPU; codex_ml/training/fused_ce.py), model = the model's
+    # own. auto = fused with a CUDA GPU for the models it supports (Llama-style heads), else model.
+    loss: Literal["auto", "fused", "model"] = "auto"
     # Wall-clock budget: stop (evaluate and save) after this many seconds even before max_steps.
     max_time_s: float | None = Field(None, gt=0)
     eval_every: int = Field(100, ge=1)

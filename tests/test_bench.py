@@ -23,7 +23,7 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
          "--steps", "12", "--skip", "4", "--profile", "2", "--sync-debug",
          "--tokenizer", workspace / "models" / "tokenizer", "--splits", workspace / "data" / "splits",
          "--variants", "baseline,baseline-causal=causal:1,engine,"
-         "engine-blocking=blocking_copy:1+rope_table:0+linear_ce:4+inductor:coordinate_descent_tuning", "--out", out],
+         "engine-blocking=blocking_copy:1+rope_table:0+loss:fused+inductor:coordinate_descent_tuning", "--out", out],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -59,38 +59,6 @@ def load_bench():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
-
-
-def test_chunked_linear_cross_entropy_matches_the_models_own_loss_and_gradients():
-    """The `linear_ce` variant: the same loss (shifted labels, -100 ignored) and the same gradients
-    as transformers' own path, including the tied embedding's; one compiled graph, no breaks."""
-    import copy
-
-    import torch
-    from test_training import tiny_llama
-
-    bench = load_bench()
-    torch.manual_seed(0)
-    model = tiny_llama(vocab_size=96, tie_word_embeddings=True).train()
-    x = torch.randint(0, 96, (3, 20))
-    labels = x.clone()
-    labels[0, 5:9] = -100
-    want = model(input_ids=x, labels=labels).loss
-    want.backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    chunked = copy.deepcopy(model)
-    chunked.zero_grad()
-    bench.chunked_linear_ce(chunked, 4)
-    got = chunked(input_ids=x, labels=labels).loss
-    got.backward()
-    assert abs(got.item() - want.item()) < 1e-5
-    for n, p in chunked.named_parameters():
-        assert torch.allclose(p.grad, grads[n], atol=1e-6), n
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(chunked)(input_ids=x, labels=labels)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
-    torch._dynamo.reset()
-    assert chunked.eval()(input_ids=x).logits.shape == (3, 20, 96)  # eval: the model's own
 
 
 def test_the_plain_loop_draws_the_engines_batches_in_the_engines_order(workspace, tmp_path):  # noqa: F811

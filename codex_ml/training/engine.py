@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from transformers.integrations import DVCLiveCallback
 
 from ..params import Train
-from . import checkpoints
+from . import checkpoints, fused_ce
 from .data import Blocks, evenly_spaced
 
 log = logging.getLogger("codex.train")
@@ -66,6 +66,22 @@ def resolve_fused(mode: str) -> bool:
                             "pip install liger-kernel, or use auto/off") from None
         return False
     return True
+
+
+def resolve_loss(choice: str, model, t: Train, liger: bool) -> str:
+    """fused or model (see Train.loss). An explicit `fused` the model cannot take is a UserError."""
+    from ..stage import UserError
+
+    why = fused_ce.applies(model)
+    if t.distributed == "fsdp" and world()[1] > 1:
+        why = "FSDP shards lm_head's weight, which the fused loss reads whole"
+    elif liger:
+        why = "train.fused_kernels = on brings Liger's own fused loss"
+    if choice == "fused" and why:
+        raise UserError(f"train.loss = fused: {why}; use auto or model")
+    if choice == "auto":
+        return "fused" if torch.cuda.is_available() and not why else "model"
+    return choice
 
 
 def resolve_compile(mode: str) -> bool:
@@ -200,6 +216,7 @@ class Result:
     world_size: int
     fused_kernels: bool = False
     compile_mode: str | None = None
+    loss: str = "model"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -385,6 +402,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
                     "fused cross-entropy on this torch)")
         compiled = False
     compile_mode = resolve_compile_mode(t.compile_mode) if compiled else None
+    loss = resolve_loss(t.loss, model, t, fused)
     args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, fused=fused,
                          wrap=wrap, compile_mode=compile_mode or "default")
     tokens_per_step = per_step * t.block_size
@@ -425,7 +443,8 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         # Compilation picks the attention kernel while tracing, so the choice holds from the start;
         # causal_attention also pins it inside the model's graph (compile caches ignore the flags).
         with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext(), \
-                causal_attention(model, backends), rope_table(model, t.block_size):
+                causal_attention(model, backends), rope_table(model, t.block_size), \
+                fused_ce.fused_loss(model, loss == "fused"):
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_s = out.metrics.get("train_runtime")
     st = trainer.state
@@ -448,7 +467,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         best_val_loss=min(h["eval_loss"] for h in evals) if evals else None,
         resumed_from=str(resume_from) if resume_from else None,
         stopped_early=st.global_step < max_steps, precision=precision, compiled=compiled,
-        world_size=ws, fused_kernels=fused, compile_mode=compile_mode)
+        world_size=ws, fused_kernels=fused, compile_mode=compile_mode, loss=loss)
     if res.final_val_loss is not None and not math.isfinite(res.final_val_loss):
         log.warning("val loss is %s: training diverged (lower train.lr?)", res.final_val_loss)
     return trainer, res

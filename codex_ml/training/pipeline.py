@@ -153,7 +153,7 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
         "params": total, "trainable_params": trainable, "resumed_from_step": res.start_step,
         "stopped_early": res.stopped_early, "precision": res.precision, "world_size": ws,
         "compiled": res.compiled, "compile_mode": res.compile_mode,
-        "fused_kernels": res.fused_kernels,
+        "fused_kernels": res.fused_kernels, "loss": res.loss,
     }
     state = None
     if ws > 1 and t.distributed == "fsdp":

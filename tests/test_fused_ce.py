@@ -1,0 +1,100 @@
+"""The engine's fused linear cross-entropy (codex_ml/training/fused_ce.py) on the CPU: the torch
+path of the op, the model hook, and the engine's choice. The Triton kernel itself is checked
+against the torch path by tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_training import params, tiny_blocks, tiny_llama
+from test_training import workspace  # noqa: F401 (a fixture)
+
+from codex_ml import modeling
+from codex_ml.stage import UserError
+from codex_ml.training import engine, fused_ce
+
+
+def test_fused_loss_matches_the_models_own_loss_and_gradients():
+    """Labels shifted by one, -100 ignored, divided by num_items_in_batch when the Trainer gives
+    it; the gradients the same, including the tied embedding's (head and input share a weight);
+    one compiled graph with no breaks; eval mode and the restored model give logits again."""
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=96, tie_word_embeddings=True).train()
+    x = torch.randint(0, 96, (3, 20))
+    labels = x.clone()
+    labels[0, 5:9] = -100
+    for n_items in (None, torch.tensor(50)):
+        model.zero_grad()
+        want = model(input_ids=x, labels=labels, num_items_in_batch=n_items).loss
+        want.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        fused = copy.deepcopy(model)
+        fused.zero_grad()
+        with fused_ce.fused_loss(fused):
+            out = fused(input_ids=x, labels=labels, num_items_in_batch=n_items)
+            out.loss.backward()
+            assert out.logits is None  # the point: no logits made
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(fused)(input_ids=x, labels=labels)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+            torch._dynamo.reset()
+            assert fused.eval()(input_ids=x).logits.shape == (3, 20, 96)  # eval: the model's own
+            fused.train()
+        assert abs(out.loss.item() - want.item()) < 1e-5
+        for n, p in fused.named_parameters():
+            assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+        assert "forward" not in vars(fused)
+        assert fused(input_ids=x, labels=labels).logits is not None
+
+
+def test_the_op_gives_zero_loss_and_gradient_for_ignored_rows():
+    h, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64)
+    y = torch.tensor([3, -100, -100, 9])
+    total, gh, gw = fused_ce.linear_cross_entropy(h, w, y)
+    want = torch.nn.functional.cross_entropy(h @ w.t(), y, reduction="sum")
+    assert torch.allclose(total, want.float())
+    assert gh[1:3].abs().max() == 0
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    torch.nn.functional.cross_entropy(h @ w.t(), y, reduction="sum").backward()
+    assert torch.allclose(gh, h.grad) and torch.allclose(gw, w.grad)
+
+
+def test_engine_trains_the_same_curve_with_the_fused_loss(workspace, tmp_path):  # noqa: F811
+    """On the CPU the default is the model's own loss; asked for, the fused loss trains the same
+    run (fp32: the same losses to float rounding) and says so in the result."""
+    tok, tr, va = tiny_blocks(workspace)
+    curves = {}
+    for choice in ("auto", "fused"):
+        p = params(train=dict(max_steps=8, eval_every=1000, save_every=1000, log_every=2, loss=choice))
+        torch.manual_seed(p.seed)
+        model = modeling.build(p.model, tok, 32)
+        head_calls = []  # the fused loss reads lm_head's weight and never calls the module
+        model.lm_head.register_forward_hook(lambda m, a, o: head_calls.append(m.training))
+        trainer, res = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path / choice)
+        curves[res.loss] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert res.final_val_loss is not None
+        assert any(head_calls) == (res.loss == "model")
+    assert set(curves) == {"model", "fused"}
+    assert curves["fused"] == pytest.approx(curves["model"], abs=1e-4), curves
+
+
+def test_fused_loss_where_it_cannot_stand_in_is_refused_or_left_off():
+    from codex_ml.params import Lora
+
+    t = params().train
+    plain = tiny_llama()
+    assert engine.resolve_loss("auto", plain, t, liger=False) == "model"  # CPU
+    assert engine.resolve_loss("fused", plain, t, liger=False) == "fused"
+    lora_head = modeling.apply_lora(tiny_llama(), Lora(target_modules=["q_proj", "lm_head"]))
+    assert fused_ce.applies(modeling.apply_lora(tiny_llama(), Lora(target_modules=["q_proj"]))) is None
+    with pytest.raises(UserError, match="train.loss = fused: .*lm_head.*use auto or model"):
+        engine.resolve_loss("fused", lora_head, t, liger=False)
+    with pytest.raises(UserError, match="Liger"):
+        engine.resolve_loss("fused", plain, t, liger=True)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert "GPT2LMHeadModel is not one of" in fused_ce.applies(gpt2)
