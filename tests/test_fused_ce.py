@@ -49,6 +49,25 @@ def test_fused_loss_matches_the_models_own_loss_and_gradients():
         assert fused(input_ids=x, labels=labels).logits is not None
 
 
+def test_fused_loss_compiles_with_inductor():
+    """Compiled end to end (inductor lowers the op to a call): the same loss and gradients as
+    eager. Before, an op argument named `kernel` broke inductor's lowering (H200 run, 2026-11-30)."""
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=96).train()
+    x = torch.randint(0, 96, (2, 16))
+    with fused_ce.fused_loss(model):
+        want = model(input_ids=x, labels=x).loss
+        want.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        torch._dynamo.reset()
+        got = torch.compile(model)(input_ids=x, labels=x).loss
+        got.backward()
+        torch._dynamo.reset()
+    assert abs(got.item() - want.item()) < 1e-5
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), grads))
+
+
 def test_the_op_gives_zero_loss_and_gradient_for_ignored_rows():
     h, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64)
     y = torch.tensor([3, -100, -100, 9])

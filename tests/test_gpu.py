@@ -52,8 +52,8 @@ def test_fused_ce_kernel_matches_the_torch_path():
     w = (torch.randn(50_001, 64, device="cuda") * 0.3).bfloat16()
     y = torch.randint(0, 50_001, (600,), device="cuda")
     y[::7] = -100
-    got = fused_ce.linear_cross_entropy(h, w, y, kernel=True)
-    want = fused_ce.linear_cross_entropy(h, w, y, kernel=False)
+    got = fused_ce.linear_cross_entropy(h, w, y, triton_rows=True)
+    want = fused_ce.linear_cross_entropy(h, w, y, triton_rows=False)
     assert abs(got[0].item() - want[0].item()) < 1e-4 * abs(want[0].item())
     for a, b in zip(got[1:], want[1:]):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2

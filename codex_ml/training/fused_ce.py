@@ -76,11 +76,12 @@ def _rows_torch(logits: torch.Tensor, y: torch.Tensor):
 
 @torch.library.custom_op("codex::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-                         kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         triton_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed loss, d loss / d h, d loss / d w) of cross_entropy(h @ w.T, y, sum, ignore -100);
-    h [N, D] and w [V, D] in the matmul dtype. `kernel`: the Triton kernel where it can run."""
+    h [N, D] and w [V, D] in the matmul dtype. `triton_rows`: the Triton kernel where it can run
+    (not `kernel`: inductor passes that name itself, and the compiled call failed)."""
     logits = h @ w.t()
-    if kernel and triton is not None and logits.is_cuda:
+    if triton_rows and triton is not None and logits.is_cuda:
         loss = torch.empty(len(y), device=h.device, dtype=torch.float32)
         n, v = logits.shape
         _rows_kernel[(n,)](logits, y, loss, logits.stride(0), v,
@@ -91,7 +92,7 @@ def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
 
 
 @linear_cross_entropy.register_fake
-def _(h, w, y, kernel=True):
+def _(h, w, y, triton_rows=True):
     return h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(w)
 
 
@@ -100,10 +101,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     in the autocast dtype when autocast is on, the softmax in fp32."""
 
     @staticmethod
-    def forward(ctx, h, w, y, kernel: bool = True):
+    def forward(ctx, h, w, y, triton_rows: bool = True):
         kind = h.device.type
         dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
-        total, gh, gw = linear_cross_entropy(h.to(dt), w.to(dt), y, kernel)
+        total, gh, gw = linear_cross_entropy(h.to(dt), w.to(dt), y, triton_rows)
         ctx.save_for_backward(gh.to(h.dtype), gw.to(w.dtype))
         return total
 
