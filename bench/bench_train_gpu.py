@@ -50,6 +50,7 @@ def flops_per_token(model, seq: int) -> float:
 
 KERNEL_KINDS = [  # (kind, substrings of the CUDA kernel's name), first match wins
     ("nccl", ("nccl",)),  # DDP's all-reduce, under torchrun
+    ("loss (fused CE rows)", ("_rows_kernel",)),  # codex_ml/training/fused_ce.py's Triton kernel
     ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),  # cuDNN's names say wgmma too
     ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "wgmma", "scaled_mm", "cublas", "splitk")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
