@@ -83,10 +83,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    ap.add_argument("--loss", default="auto", choices=["auto", "fused", "model"],
+                    help="the engine's train.loss (auto = the model's own on a CPU)")
     a = ap.parse_args()
 
     m, t = Model(), Train()  # the default profile's shapes
-    t = t.model_copy(update=dict(compile="on" if a.compile else "off", eval_every=10**6,
+    t = t.model_copy(update=dict(compile="on" if a.compile else "off", loss=a.loss, eval_every=10**6,
                                  save_every=10**6, log_every=10**6, eval_batches=1))
     torch.manual_seed(0)
     from codex_ml.modeling import build_scratch
@@ -97,7 +99,7 @@ def main() -> None:
     tokens = (a.steps - a.warmup) * t.batch_size * t.grad_accum * t.block_size
     print(f"model {n_params/1e6:.2f}M params, batch {t.batch_size}x{t.block_size}, accum {t.grad_accum}, "
           f"{a.steps} steps ({a.warmup} warm-up), threads {torch.get_num_threads()}, "
-          f"compile {a.compile}", flush=True)
+          f"compile {a.compile}, loss {a.loss}", flush=True)
 
     best = {"engine": math.inf, "plain": math.inf}
     for r in range(a.rounds):

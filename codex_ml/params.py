@@ -235,7 +235,9 @@ class Train(Strict):
     fused_kernels: OnOff = "auto"
     # The training loss: fused = the engine's linear cross-entropy that makes its gradient in the
     # forward pass (a Triton kernel on a GPU; codex_ml/training/fused_ce.py), model = the model's
-    # own. auto = fused with a CUDA GPU for the models it supports (Llama-style heads), else model.
+    # own. auto = fused with a CUDA GPU for the models it supports (Llama-style heads), else model
+    # (on a CPU the fused loss's torch path is slower: 0.88x vs 0.97x the plain loop,
+    # bench/bench_train_cpu.py --loss fused / model).
     loss: Literal["auto", "fused", "model"] = "auto"
     # Wall-clock budget: stop (evaluate and save) after this many seconds even before max_steps.
     max_time_s: float | None = Field(None, gt=0)
