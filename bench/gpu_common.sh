@@ -39,3 +39,7 @@ ddp() {
   cp $d/models/checkpoints/checkpoint-$4/trainer_state.json $OUT/state_$1.json 2>/dev/null
   [ -f $OUT/train_$1.json ] || grep -E "Error|error" $OUT/log_$1.txt | grep -v "^W1" | tail -n 3
 }
+
+# The device tool brings back at most 8 files from $OUT: the scripts that write more end with this,
+# so all of them come back in one archive (all.tgz sorts first).
+pack_out() { tar czf /tmp/all.tgz -C "$OUT" . && mv /tmp/all.tgz "$OUT/all.tgz"; }

@@ -14,3 +14,4 @@ RUN_TIMEOUT=120 ddp g2_b$B 2 ddp 300 $B
 RUN_TIMEOUT=120 NCCL_PROTO=Simple ddp g2_b${B}_simple 2 ddp 300 $B
 RUN_TIMEOUT=120 NCCL_PROTO=Simple NCCL_MAX_NCHANNELS=8 ddp g2_b${B}_simple_ch8 2 ddp 300 $B
 echo "== done $(date +%T)"
+pack_out

@@ -35,3 +35,4 @@ if [ -n "${DDP_TESTS:-}" ]; then
     2>&1 | tail -n 15 | tee $OUT/pytest_ddp.txt
 fi
 echo "== done $(date +%T)"
+pack_out
