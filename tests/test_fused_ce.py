@@ -68,7 +68,30 @@ def test_fused_loss_compiles_with_inductor():
     assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), grads))
 
 
+def test_fused_loss_under_lora_trains_the_adapters_the_same_and_skips_the_frozen_heads_gradient():
+    from codex_ml.params import Lora
+
+    torch.manual_seed(0)
+    model = modeling.apply_lora(tiny_llama(vocab_size=96), Lora(target_modules=["q_proj", "v_proj"], dropout=0.0))
+    x = torch.randint(0, 96, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    calls = []
+    model.get_base_model().lm_head.register_forward_hook(lambda *a: calls.append(1))
+    with fused_ce.fused_loss(model):
+        model(input_ids=x, labels=x).loss.backward()
+    assert not calls and want
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, want[n], atol=1e-6), n
+    total, gh, gw = fused_ce.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4),
+                                                  torch.tensor([0, 1, 2]), weight_grad=False)
+    assert gw.numel() == 0 and gh.shape == (3, 4)
+
+
 def test_the_op_gives_zero_loss_and_gradient_for_ignored_rows():
+    torch.manual_seed(0)
     h, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64)
     y = torch.tensor([3, -100, -100, 9])
     total, gh, gw = fused_ce.linear_cross_entropy(h, w, y)

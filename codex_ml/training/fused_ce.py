@@ -64,8 +64,9 @@ if triton is not None:
 
 
 def _rows_torch(logits: torch.Tensor, y: torch.Tensor):
-    """(per-row loss in fp32, softmax - onehot in the logits' dtype); what the kernel computes."""
-    x = logits.float()
+    """(per-row loss, softmax - onehot in the logits' dtype), computed in fp32 or wider; what the
+    kernel computes."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
     lse = x.logsumexp(-1)
     keep = y != IGNORE
     target = x.gather(1, y.clamp(min=0)[:, None])[:, 0]
@@ -75,11 +76,12 @@ def _rows_torch(logits: torch.Tensor, y: torch.Tensor):
 
 
 @torch.library.custom_op("codex::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-                         triton_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, triton_rows: bool = True,
+                         weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed loss, d loss / d h, d loss / d w) of cross_entropy(h @ w.T, y, sum, ignore -100);
     h [N, D] and w [V, D] in the matmul dtype. `triton_rows`: the Triton kernel where it can run
-    (not `kernel`: inductor passes that name itself, and the compiled call failed)."""
+    (not `kernel`: inductor passes that name itself, and the compiled call failed).
+    weight_grad=False (a frozen head, as under LoRA): d loss / d w is left empty, a matmul saved."""
     logits = h @ w.t()
     if triton_rows and triton is not None and logits.is_cuda:
         loss = torch.empty(len(y), device=h.device, dtype=torch.float32)
@@ -90,12 +92,13 @@ def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
                            BLOCK=min(8192, triton.next_power_of_2(v)), num_warps=16)
     else:
         loss, logits = _rows_torch(logits, y)
-    return loss.sum(), logits @ w, logits.t() @ h
+    return loss.sum().float(), logits @ w, logits.t() @ h if weight_grad else w.new_empty(0)
 
 
 @linear_cross_entropy.register_fake
-def _(h, w, y, triton_rows=True):
-    return h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(w)
+def _(h, w, y, triton_rows=True, weight_grad=True):
+    return (h.new_empty((), dtype=torch.float32), torch.empty_like(h),
+            torch.empty_like(w) if weight_grad else w.new_empty(0))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -106,14 +109,15 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, w, y, triton_rows: bool = True):
         kind = h.device.type
         dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
-        total, gh, gw = linear_cross_entropy(h.to(dt), w.to(dt), y, triton_rows)
+        ctx.weight_grad = w.requires_grad
+        total, gh, gw = linear_cross_entropy(h.to(dt), w.to(dt), y, triton_rows, w.requires_grad)
         ctx.save_for_backward(gh.to(h.dtype), gw.to(w.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad):
         gh, gw = ctx.saved_tensors
-        return gh * grad, gw * grad, None, None
+        return gh * grad, gw * grad if ctx.weight_grad else None, None, None
 
 
 def applies(model) -> str | None:
@@ -147,6 +151,7 @@ def fused_loss(model, enabled: bool = True):
         if labels is None or not self.training or kw.get("inputs_embeds") is not None:
             return own(self, input_ids=input_ids, labels=labels,
                        num_items_in_batch=num_items_in_batch, **kw)
+        kw.pop("logits_to_keep", None)  # all positions count in a training loss
         h = self.model(input_ids=input_ids, **kw).last_hidden_state
         y = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
         total = LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), self.lm_head.weight, y)
