@@ -100,6 +100,10 @@ CASES = [
     ("missing-policy-file", "sanitize",
      lambda ws: write_params(ws, {"sanitize": {"policy": "configs/nope.yaml"}}), "policy file"),
     ("missing-splits", "train_model", lambda ws: shutil.rmtree(ws / "data/splits"), "data/splits"),
+    ("fused-loss-with-lora-on-lm-head", "train_model",
+     lambda ws: write_params(ws, {"model": {"init": "pretrained", "base": "models/model", "lora": {
+         "enabled": True, "target_modules": ["q_proj", "lm_head"]}}, "train": {"loss": "fused"}}),
+     "train.loss = fused: its lm_head is not a plain Linear"),
     ("batch-larger-than-data", "train_model",
      lambda ws: write_params(ws, {"train": {"batch_size": 10**6}}), "fewer than one step needs"),
 ]

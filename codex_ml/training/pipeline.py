@@ -101,6 +101,8 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
     if m.lora.enabled:
         model = modeling.apply_lora(model, m.lora)
     total, trainable = modeling.count_params(model)
+    # Settings the model cannot take fail here, before dvclive clears the previous curves.
+    engine.resolve_loss(t.loss, model, t, engine.resolve_fused(t.fused_kernels))
 
     resume_from = None
     if rank == 0:
