@@ -89,6 +89,11 @@ def apply_lora(model, lora: Lora):
     return model
 
 
+def base_model(model):
+    """The transformers model inside a PEFT wrapper; the model itself when there is none."""
+    return getattr(model, "get_base_model", lambda: model)()
+
+
 def merge(peft_model):
     """Fold the adapter into the base weights: a plain transformers model again."""
     return peft_model.merge_and_unload()

@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.integrations import DVCLiveCallback
 
+from ..modeling import base_model
 from ..params import Train
 from . import checkpoints, fused_ce
 from .data import Blocks, evenly_spaced
@@ -128,7 +129,7 @@ def causal_attention(model, backends=None):
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = base_model(model)
     cfg = getattr(base, "config", None)
     before = getattr(cfg, "_attn_implementation", None)
     local = (getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None)
@@ -157,7 +158,7 @@ def rope_table(model, length: int = 0):
     (H200, GPT-2-small shape). The same fp32 arithmetic (bit for bit in eager mode). The table
     covers max_position_embeddings and `length` (the block size). Only for the plain RoPE
     (rope_type default) that holds its table fixed; dynamic variants keep computing theirs."""
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = base_model(model)
     rots = [m for m in base.modules() if getattr(m, "rope_type", None) == "default"
             and isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
     n = max(getattr(getattr(base, "config", None), "max_position_embeddings", 0) or 0, length)
@@ -395,7 +396,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     precision, compiled = resolve_precision(t.precision), resolve_compile(t.compile)
     out_dir = Path(out_dir)
     set_seed(seed)
-    wrap = getattr(getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None)
+    wrap = getattr(base_model(model), "_no_split_modules", None)
     fused = resolve_fused(t.fused_kernels)
     if fused and compiled:
         log.warning("train.fused_kernels = on: torch.compile is turned off (it cannot trace Liger's "

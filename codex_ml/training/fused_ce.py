@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from ..modeling import base_model
+
 log = logging.getLogger("codex.train")
 
 IGNORE = -100  # transformers' ignore index for labels
@@ -110,7 +112,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         kind = h.device.type
         dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
         ctx.weight_grad = w.requires_grad
-        total, gh, gw = linear_cross_entropy(h.to(dt), w.to(dt), y, triton_rows, w.requires_grad)
+        total, gh, gw = linear_cross_entropy(h.to(dt), w.to(dt), y, triton_rows, ctx.weight_grad)
         ctx.save_for_backward(gh.to(h.dtype), gw.to(w.dtype))
         return total
 
@@ -122,7 +124,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def applies(model) -> str | None:
     """Why the fused loss cannot stand in for `model`'s own, or None when it can."""
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = base_model(model)
     name = type(base).__name__
     if name not in MODELS:
         return f"{name} is not one of {', '.join(MODELS)}"
@@ -141,10 +143,10 @@ def fused_loss(model, enabled: bool = True):
     import torch.nn.functional as F
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    base = getattr(model, "get_base_model", lambda: model)()
     if not enabled:
         yield
         return
+    base = base_model(model)
     own = type(base).forward
 
     def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kw):
