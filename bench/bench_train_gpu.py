@@ -59,6 +59,10 @@ KERNEL_KINDS = [  # (kind, substrings of the CUDA kernel's name), first match wi
 ]
 
 
+def short(name: str) -> str:
+    return name.split("(")[0].removeprefix("void ")[:60]
+
+
 class Probe:
     """Looks at steps [start, start + n) of a run: a torch.profiler trace of the GPU kernels
     (time by kind, and the GPU's busy share of the wall time), and with sync_debug the places that
@@ -103,6 +107,30 @@ class Probe:
     def _unhook(self):
         warnings.showwarning, warnings.filters[:] = self._saved
 
+    def gaps(self, cuda: bool) -> dict:
+        """Where the GPU waits: the idle time between its (merged) kernels, grouped by the kernels
+        on either side of each gap. Gaps at a step's start say the host did per-step work the
+        GPU had to wait for; gaps spread through forward/backward say the launches were slower
+        than the kernels."""
+        want = "cuda" if cuda else "cpu"
+        ev = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), short(e.name()))
+                    for e in self.prof.profiler.kineto_results.events()
+                    if str(e.device_type()).lower().endswith(want) and e.duration_ns() > 0)
+        where: dict[str, list] = {}
+        idle, end, last = 0.0, None, None
+        for s0, s1, name in ev:
+            if end is not None and s0 - end > 20_000:  # ignore the launch-to-launch jitter (< 20 us)
+                gap = (s0 - end) / 1e6
+                idle += gap
+                w = where.setdefault(f"{last} -> {name}", [0.0, 0])
+                w[0], w[1] = w[0] + gap, w[1] + 1
+            if end is None or s1 > end:
+                end, last = s1, name
+        top = sorted(where.items(), key=lambda kv: -kv[1][0])[:10]
+        return {"idle_ms_per_step_over_20us": round(idle / self.n, 2),
+                "kernels_per_step": len(ev) // self.n,
+                "top": [(round(ms / self.n, 3), round(c / self.n, 1), k) for k, (ms, c) in top]}
+
     def step_end(self, step: int):  # `step` = steps done
         if self.prof is None or step != self.start + self.n:
             return
@@ -127,6 +155,7 @@ class Probe:
         busy = sum(kinds.values())
         self.summary = {"wall_ms_per_step": round(wall * 1e3 / self.n, 2),
                         "gpu_busy_ms_per_step": round(busy, 2),
+                        "idle_gaps": self.gaps(cuda),
                         "ms_per_step_by_kind": {k: round(v, 2) for k, v in sorted(
                             kinds.items(), key=lambda kv: -kv[1])},
                         "top_kernels": [(round(ms, 3), c, k) for ms, c, k in sorted(top)[::-1][:25]],
@@ -228,10 +257,12 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     inductor = {k: True for k in overrides.pop("inductor", "").split("/") if k}
     blocking_copy = overrides.pop("blocking_copy", None)
     no_rope_table = overrides.pop("rope_table", "1") == "0"
+    no_fused_proj = overrides.pop("fused_proj", "1") == "0"
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
-    orig_args, orig_rope = engine.training_args, engine.rope_table
+    saved = {k: getattr(engine, k) for k in ("training_args", "rope_table", "fused_projections")}
+    orig_args = saved["training_args"]
     if blocking_copy:  # ablation: accelerate's default blocking batch copy
         def blocking(*a, **k):
             args = orig_args(*a, **k)
@@ -240,6 +271,8 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
         engine.training_args = blocking
     if no_rope_table:  # ablation: rotary cos/sin computed in every layer, every step
         engine.rope_table = lambda model, length=0: contextlib.nullcontext()
+    if no_fused_proj:  # ablation: q/k/v and gate/up as separate matmuls
+        engine.fused_projections = lambda model, enabled=True: contextlib.nullcontext()
     from transformers import TrainerCallback
 
     marks = []
@@ -263,7 +296,8 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
             trainer, res = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir,
                                         callbacks=[Clock()])
     finally:
-        engine.training_args, engine.rope_table = orig_args, orig_rope
+        for k, v in saved.items():
+            setattr(engine, k, v)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     times = [(s1, (t1 - t0) / (s1 - s0)) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s1 > s0]
     return {"losses": losses, "step_times": times, "result": res.as_dict()}
@@ -289,7 +323,7 @@ def main() -> None:
                          "key mode = its compile mode, causal:1 = with the engine's causal "
                          "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
-                         "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, "
+                         "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, fused_proj:0, "
                          "inductor:SETTING/SETTING), e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")
@@ -374,7 +408,9 @@ def main() -> None:
             ps = probe.summary
             print(f"{v:14s} profile: wall {ps['wall_ms_per_step']} ms/step, GPU busy "
                   f"{ps['gpu_busy_ms_per_step']} ms: {ps['ms_per_step_by_kind']}; syncs/step "
-                  f"{ {k: n / args.profile for k, n in ps['syncs'].items()} }", flush=True)
+                  f"{ {k: n / args.profile for k, n in ps['syncs'].items()} }; idle "
+                  f"{ps['idle_gaps']['idle_ms_per_step_over_20us']} ms/step, top gaps "
+                  f"{ps['idle_gaps']['top'][:3]}", flush=True)
         rows[v] = r
         if rank == 0:  # partial results survive a timeout
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,9 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
          "--steps", "12", "--skip", "4", "--profile", "2", "--sync-debug",
          "--tokenizer", workspace / "models" / "tokenizer", "--splits", workspace / "data" / "splits",
          "--variants", "baseline,baseline-causal=causal:1,engine,"
-         "engine-blocking=blocking_copy:1+rope_table:0+loss:fused+inductor:coordinate_descent_tuning", "--out", out],
+         "engine-blocking=blocking_copy:1+rope_table:0+fused_proj:0+loss:fused"
+         "+inductor:coordinate_descent_tuning",
+         "--out", out],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -32,6 +34,7 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
         assert row["tokens_per_s"] > 0 and row["losses"], name
         prof = row["profile"]
         assert prof["gpu_busy_ms_per_step"] > 0 and prof["top_kernels"], name
+        assert prof["idle_gaps"]["kernels_per_step"] > 0, name
     assert rows["engine"]["ratio_vs_baseline"] > 0
 
 
