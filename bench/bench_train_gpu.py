@@ -263,11 +263,10 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     inductor = {k: True for k in overrides.pop("inductor", "").split("/") if k}
     blocking_copy = overrides.pop("blocking_copy", None)
     no_rope_table = overrides.pop("rope_table", "1") == "0"
-    no_fused_proj = overrides.pop("fused_proj", "1") == "0"
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
-    saved = {k: getattr(engine, k) for k in ("training_args", "rope_table", "fused_projections")}
+    saved = {k: getattr(engine, k) for k in ("training_args", "rope_table")}
     orig_args = saved["training_args"]
     if blocking_copy:  # ablation: accelerate's default blocking batch copy
         def blocking(*a, **k):
@@ -277,8 +276,6 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
         engine.training_args = blocking
     if no_rope_table:  # ablation: rotary cos/sin computed in every layer, every step
         engine.rope_table = lambda model, length=0: contextlib.nullcontext()
-    if no_fused_proj:  # ablation: q/k/v and gate/up as separate matmuls
-        engine.fused_projections = lambda model, enabled=True: contextlib.nullcontext()
     from transformers import TrainerCallback
 
     marks = []
@@ -329,7 +326,7 @@ def main() -> None:
                          "key mode = its compile mode, causal:1 = with the engine's causal "
                          "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
-                         "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, fused_proj:0, "
+                         "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, "
                          "inductor:SETTING/SETTING), e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")

@@ -23,7 +23,7 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
          "--steps", "12", "--skip", "4", "--profile", "2", "--sync-debug",
          "--tokenizer", workspace / "models" / "tokenizer", "--splits", workspace / "data" / "splits",
          "--variants", "baseline,baseline-causal=causal:1,engine,"
-         "engine-blocking=blocking_copy:1+rope_table:0+fused_proj:0+loss:fused"
+         "engine-blocking=blocking_copy:1+rope_table:0+loss:fused"
          "+inductor:coordinate_descent_tuning",
          "--out", out],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})

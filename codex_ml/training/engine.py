@@ -7,7 +7,6 @@ benchmarks call it with a model, packed blocks and a step budget.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -182,61 +181,6 @@ def rope_table(model, length: int = 0):
     finally:
         for rot in rots:
             del rot.forward, rot._rope_cos, rot._rope_sin
-
-
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-@contextlib.contextmanager
-def fused_projections(model, enabled: bool = True):
-    """While training, the Linear layers that read the same input (attention's q/k/v, the MLP's
-    gate/up) run as one matmul over their concatenated weights: at width 768 the separate 768-wide
-    matmuls ran well below the big ones' speed (the q/k/v weight gradients as split-K kernels),
-    and the three input gradients were summed by extra kernels. The model's own forward code runs
-    unchanged: the first layer of a group computes all of the group's outputs and hands its
-    siblings theirs when they are called on the same input tensor; on any other input a sibling
-    computes its own. Weights stay separate parameters (checkpoints, optimizer, DDP unchanged).
-    Only groups of plain nn.Linear of one input width (LoRA-wrapped layers keep their own). The
-    engine turns it on with a CUDA GPU (not measured on CPUs, whose results it would move by
-    rounding: the input gradient is summed in another order)."""
-    import torch.nn.functional as F
-
-    base = base_model(model)
-    groups = []
-    for parent in base.modules() if enabled else []:
-        for names in SIBLINGS:
-            mods = [getattr(parent, n, None) for n in names]
-            if (all(type(m) is torch.nn.Linear for m in mods)
-                    and len({(m.in_features, m.bias is None) for m in mods}) == 1):
-                groups.append(mods)
-    for mods in groups:
-        handed: dict = {}  # the input the group last ran on, and the siblings' outputs
-
-        def first(x, _mods=mods, _handed=handed):
-            w = torch.cat([m.weight for m in _mods])
-            b = None if _mods[0].bias is None else torch.cat([m.bias for m in _mods])
-            outs = F.linear(x, w, b).split([m.out_features for m in _mods], dim=-1)
-            _handed.clear()
-            _handed.update(x=x, outs=list(outs[1:]))
-            return outs[0]
-
-        def sibling(x, _i, _m, _handed=handed):
-            if _handed and _handed["x"] is x and _handed["outs"][_i] is not None:
-                out, _handed["outs"][_i] = _handed["outs"][_i], None
-                if all(o is None for o in _handed["outs"]):
-                    _handed.clear()  # nothing of the step is kept alive after the group ran
-                return out
-            return F.linear(x, _m.weight, _m.bias)
-
-        mods[0].forward = first
-        for i, m in enumerate(mods[1:]):
-            m.forward = functools.partial(sibling, _i=i, _m=m)
-    try:
-        yield
-    finally:
-        for mods in groups:
-            for m in mods:
-                del m.forward
 
 
 def attention_backends(choice: str):
@@ -441,7 +385,6 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     from transformers import EarlyStoppingCallback, Trainer, set_seed
 
     ws = world()[1]
-    fsdp_ranks = t.distributed == "fsdp" and ws > 1  # FSDP shards the weights fused_* read whole
     max_steps = max_steps or t.max_steps
     per_step = check_data(train_blocks, val_blocks, t)
     # Every rank evaluates whole batches (the eval loader drops a partial one): with eval_batches
@@ -484,7 +427,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     t0 = time.perf_counter()
     start_step = checkpoints.step_of(resume_from) if resume_from else 0
     train_s = None
-    if resume_from and start_step >= max_steps and not fsdp_ranks:
+    if resume_from and start_step >= max_steps and not (t.distributed == "fsdp" and ws > 1):
         # The checkpoint holds the last step already (killed while the output was written, or a
         # rerun after a code change). Resuming would make the Trainer run one step past max_steps
         # (seen: 1101 of 1100, other weights), so load it and train nothing. (FSDP needs the
@@ -502,7 +445,6 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         # causal_attention also pins it inside the model's graph (compile caches ignore the flags).
         with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext(), \
                 causal_attention(model, backends), rope_table(model, t.block_size), \
-                fused_projections(model, torch.cuda.is_available() and not fsdp_ranks), \
                 fused_ce.fused_loss(model, loss == "fused"):
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_s = out.metrics.get("train_runtime")
