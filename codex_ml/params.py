@@ -224,7 +224,8 @@ class Train(Strict):
     max_grad_norm: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: OnOff = "auto"
-    # torch.compile mode; auto = default, the fastest measured on an H200 (bench/RESULTS_GPU.md).
+    # torch.compile mode; auto = reduce-overhead (CUDA graphs) on a CUDA GPU without FSDP or
+    # gradient accumulation, else default: the fastest measured on an H200 (bench/RESULTS_GPU.md).
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "auto"
     # Scaled-dot-product attention backend tried first on a GPU; auto keeps torch's own order.
@@ -252,7 +253,17 @@ class Train(Strict):
     # DDP gradient bucket size in MB (torch's default is 25). Under torch.compile each bucket
     # boundary also splits the compiled graph; on 2 x H200 100 MB scaled 1.93x vs 1.85x at 25.
     ddp_bucket_mb: int = Field(100, ge=1)
+    # The dtype DDP all-reduces gradients in: bf16 sends half the bytes (the weights and the
+    # optimizer stay fp32). DDP only.
+    ddp_allreduce: Literal["fp32", "bf16"] = "fp32"
     num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _ddp_only(self):
+        if self.ddp_allreduce != "fp32" and self.distributed != "ddp":
+            raise ValueError(f"ddp_allreduce: {self.ddp_allreduce} applies to distributed: ddp, "
+                             f"not {self.distributed}; use fp32")
+        return self
 
 
 # ---------------------------------------------------------------- eval / report

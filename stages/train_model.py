@@ -1,7 +1,8 @@
 """train_model: train (or LoRA-tune) the code LM; resumable checkpoints, live metrics, model card.
 
     python stages/train_model.py            # the DVC stage; resumes models/checkpoints if they match
-With several GPUs visible (train.devices: auto or N > 1) it relaunches itself under torchrun.
+With several GPUs visible (train.devices: auto or N > 1) it relaunches itself under torchrun;
+train.devices: N with more GPUs visible uses the first N.
 """
 
 import argparse
@@ -28,9 +29,19 @@ def main():
     a = ap.parse_args()
     p = params.load()
 
+    import torch
+
     from codex_ml.training import pipeline
 
     n = pipeline.visible_devices(p.train.devices)
+    seen = torch.cuda.device_count()
+    if n < seen and "WORLD_SIZE" not in os.environ:
+        # A process that sees several GPUs gets them all from the Trainer (DataParallel, under
+        # which the compiled model failed: "index is on cuda:1, different from ... cuda:0"), so
+        # train.devices: N runs on the first N only.
+        ids = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(seen)))
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids.split(",")[:n])
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     if n > 1 and "WORLD_SIZE" not in os.environ:  # one process per GPU; rank 0 logs and saves
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc_per_node={n}", *sys.argv])

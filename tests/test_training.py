@@ -410,6 +410,23 @@ def test_two_ranks_resume_after_kill_9_of_the_whole_job(workspace, tmp_path):
                         train=dict(max_steps=80, save_every=10, eval_every=10))
 
 
+@pytest.mark.slow
+def test_two_ranks_all_reduce_gradients_in_bf16_when_asked(workspace, tmp_path):
+    """train.ddp_allreduce: bf16 (gloo here, NCCL on GPUs): DDP sends bf16 gradients, so the run
+    ends near, but not exactly at, the fp32 all-reduce's run on the same data."""
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        d = stage_dir(workspace, tmp_path / dtype, train=dict(max_steps=10, eval_every=10,
+                                                               save_every=10, ddp_allreduce=dtype))
+        proc = stage(d, ranks=2)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        assert ("all-reduces gradients in bf16" in out) == (dtype == "bf16"), out[-3000:]
+        runs[dtype] = json.loads((d / "metrics" / "train.json").read_text())
+    a, b = runs["fp32"]["final_val_loss"], runs["bf16"]["final_val_loss"]
+    assert runs["bf16"]["world_size"] == 2 and a != b and abs(a - b) < 0.05, (a, b)
+
+
 def test_check_data_names_what_is_too_small():
     from codex_ml.stage import UserError
 

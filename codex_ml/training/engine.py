@@ -7,6 +7,7 @@ benchmarks call it with a model, packed blocks and a step budget.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -91,11 +92,19 @@ def resolve_compile(mode: str) -> bool:
     return mode == "on" or (mode == "auto" and torch.cuda.is_available())
 
 
-def resolve_compile_mode(mode: str) -> str:
-    """auto = default. Measured on an H200 at GPT-2-small shape (bench/RESULTS_GPU.md): CUDA
-    graphs (reduce-overhead) and max-autotune gave no speed (the GPU, not the launches, is the
-    limit) and reduce-overhead cost 1 GiB more memory."""
-    return "default" if mode == "auto" else mode
+def resolve_compile_mode(t: Train) -> str:
+    """auto = CUDA graphs (reduce-overhead) on a CUDA GPU, default elsewhere. On an H200 at
+    GPT-2-small shape (bench/RESULTS_GPU.md, session 7) the engine's step is ~930 kernel
+    launches plus the Trainer's Python, which on a slower host took longer than the GPU's 31 ms
+    of work: CUDA graphs 495k vs 460k tokens/s at 16 x 1024 (the GPU then idle 0.02 ms a step
+    instead of 2.2), the same 523k at 32 x 1024 where the GPU was already the limit, no extra
+    memory, 1.83x on 2 GPUs (DDP). FSDP and gradient accumulation keep `default` (graphs there
+    are not measured)."""
+    if t.compile_mode != "auto":
+        return t.compile_mode
+    graphs = (torch.cuda.is_available() and t.grad_accum == 1
+              and not (t.distributed == "fsdp" and world()[1] > 1))
+    return "reduce-overhead" if graphs else "default"
 
 
 CAUSAL_SDPA = "sdpa_is_causal"
@@ -358,6 +367,26 @@ def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision
     )
 
 
+def bf16_ddp_handler(h):
+    """accelerate's DDP settings `h` (as the Trainer made them) with bf16_allreduce as the hook."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    class Handler(DistributedDataParallelKwargs):
+        def register_comm_hook(self, model):
+            model.register_comm_hook(None, bf16_allreduce)
+    return Handler(**{f.name: getattr(h, f.name) for f in dataclasses.fields(h)})
+
+
+def bf16_allreduce(process_group, bucket):
+    """DDP's gradient all-reduce in bf16, then back into the fp32 bucket: torch's
+    bf16_compress_hook, which DDP refuses to register in a torch built without CUDA; under this
+    name it also runs on gloo, so the CPU tests run the same hook as the GPUs. (No annotations:
+    DDP checks them against its own types, and this module's are strings.)"""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)
+
+
 def check_data(train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train) -> int:
     """Enough packed data for one optimizer step on every rank and for a val loss; returns the
     blocks one step takes. The stage calls it before it touches any output."""
@@ -402,7 +431,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         log.warning("train.fused_kernels = on: torch.compile is turned off (it cannot trace Liger's "
                     "fused cross-entropy on this torch)")
         compiled = False
-    compile_mode = resolve_compile_mode(t.compile_mode) if compiled else None
+    compile_mode = resolve_compile_mode(t) if compiled else None
     loss = resolve_loss(t.loss, model, t, fused)
     args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, fused=fused,
                          wrap=wrap, compile_mode=compile_mode or "default")
@@ -423,6 +452,10 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     cbs += callbacks or []
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_blocks),
                       eval_dataset=Blocks(val_blocks), callbacks=cbs)
+    if t.ddp_allreduce == "bf16" and ws > 1:
+        # accelerate registers its DDP handler's hook right after it wraps the model in DDP.
+        trainer.accelerator.ddp_handler = bf16_ddp_handler(trainer.accelerator.ddp_handler)
+        log.info("DDP all-reduces gradients in bf16")
 
     t0 = time.perf_counter()
     start_step = checkpoints.step_of(resume_from) if resume_from else 0
