@@ -30,7 +30,7 @@ ddp() {
   local d=/tmp/run_$1; rm -rf $d; mkdir -p $d
   cp -r stages codex_ml configs tools requirements.lock $d/ && cp /tmp/base.yaml $d/params.yaml
   printf "train: {devices: %s, distributed: %s, max_steps: %s, batch_size: %s, compile_mode: %s, compile: '%s'%s}\n" \
-    "$2" "$3" "$4" "$5" "${6:-default}" "${7:-on}" "${EXTRA:+, $EXTRA}" > $d/o.yaml
+    "$2" "$3" "$4" "$5" "${6:-auto}" "${7:-on}" "${EXTRA:+, $EXTRA}" > $d/o.yaml
   local t0=$(date +%s)
   ( cd $d && python3 tools/profile.py o.yaml >/dev/null &&
     timeout ${RUN_TIMEOUT:-240} python3 stages/train_model.py --splits $OLDPWD/$DATA/splits --tokenizer $OLDPWD/$DATA/tokenizer \

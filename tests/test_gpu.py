@@ -1,4 +1,4 @@
-"""The train stage on CUDA GPUs: its GPU defaults (bf16, compiled; CUDA graphs as an option), the
+"""The train stage on CUDA GPUs: its GPU defaults (bf16, compiled with CUDA graphs, the fused loss), the
 attention backend choice, DDP on two GPUs resuming after kill -9 of the whole job, FSDP. Skipped
 on CPU; run on a GPU machine with `pytest -m gpu` (bench/gpu_ddp.sh does)."""
 
