@@ -116,8 +116,10 @@ def test_pack_puts_eos_between_docs_and_drops_the_remainder(workspace):
     from codex_ml.modeling import load_tokenizer
 
     tok = load_tokenizer(workspace / "models" / "tokenizer")
-    docs = ["def a():\n    return 1\n", "x = 2\n", "class B:\n    pass\n"]
-    blocks = pack(docs, tok, 8)
+    docs = ["def a():\n    return 1\n", "x = 2\n", "class B:\n    pass\n"] * 200
+    setting = os.environ.get("TOKENIZERS_PARALLELISM")
+    blocks = pack(docs, tok, 8)  # with the tokenizer's threads: the same ids as one at a time
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == setting
     flat = sum((tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in docs), [])
     assert blocks.shape == (len(flat) // 8, 8)
     assert blocks.flatten().tolist() == flat[: blocks.numel()]
