@@ -35,16 +35,16 @@ def main():
 
     n = pipeline.visible_devices(p.train.devices)
     seen = torch.cuda.device_count()
-    if n < seen and "WORLD_SIZE" not in os.environ:
-        # A process that sees several GPUs gets them all from the Trainer (DataParallel, under
-        # which the compiled model failed: "index is on cuda:1, different from ... cuda:0"), so
-        # train.devices: N runs on the first N only.
-        ids = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(seen)))
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids.split(",")[:n])
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-    if n > 1 and "WORLD_SIZE" not in os.environ:  # one process per GPU; rank 0 logs and saves
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc_per_node={n}", *sys.argv])
+    if (n > 1 or n < seen) and "WORLD_SIZE" not in os.environ:
+        if n < seen:
+            # A process that sees several GPUs gets them all from the Trainer (DataParallel, under
+            # which the compiled model failed: "index is on cuda:1, different from ... cuda:0"),
+            # so train.devices: N runs on the first N only.
+            ids = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(seen)))
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids.split(",")[:n])
+        # One process per GPU (rank 0 logs and saves), or this one again on the first GPU.
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else []
+        os.execv(sys.executable, [sys.executable, *launch, *sys.argv])
     paths = pipeline.Paths(splits=Path(a.splits), tokenizer=Path(a.tokenizer), out=Path(a.out),
                            checkpoints=Path(a.checkpoints))
     m = pipeline.run(p, paths)

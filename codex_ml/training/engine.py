@@ -38,6 +38,11 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def sharded(t: Train) -> bool:
+    """FSDP over several ranks: the parameters are shards, not whole tensors."""
+    return t.distributed == "fsdp" and world()[1] > 1
+
+
 def resolve_precision(precision: str) -> str:
     """auto: bf16 where the GPU supports it, fp32 elsewhere (CPU autocast to bf16 is slower here)."""
     cuda = torch.cuda.is_available()
@@ -75,7 +80,7 @@ def resolve_loss(choice: str, model, t: Train, liger: bool) -> str:
     from ..stage import UserError
 
     why = fused_ce.applies(model)
-    if t.distributed == "fsdp" and world()[1] > 1:
+    if sharded(t):
         why = "FSDP shards lm_head's weight, which the fused loss reads whole"
     elif liger:
         why = "train.fused_kernels = on brings Liger's own fused loss"
@@ -102,8 +107,7 @@ def resolve_compile_mode(t: Train) -> str:
     are not measured)."""
     if t.compile_mode != "auto":
         return t.compile_mode
-    graphs = (torch.cuda.is_available() and t.grad_accum == 1
-              and not (t.distributed == "fsdp" and world()[1] > 1))
+    graphs = torch.cuda.is_available() and t.grad_accum == 1 and not sharded(t)
     return "reduce-overhead" if graphs else "default"
 
 
@@ -325,7 +329,7 @@ def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision
     from transformers import TrainingArguments
 
     fsdp = {}
-    if t.distributed == "fsdp" and world()[1] > 1:
+    if sharded(t):
         fsdp = dict(fsdp="full_shard auto_wrap",
                     fsdp_config={"transformer_layer_cls_to_wrap": wrap or ["LlamaDecoderLayer"]})
     sched_kwargs = {"min_lr_rate": 0.1} if t.scheduler == "cosine_with_min_lr" else {}
@@ -460,7 +464,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     t0 = time.perf_counter()
     start_step = checkpoints.step_of(resume_from) if resume_from else 0
     train_s = None
-    if resume_from and start_step >= max_steps and not (t.distributed == "fsdp" and ws > 1):
+    if resume_from and start_step >= max_steps and not sharded(t):
         # The checkpoint holds the last step already (killed while the output was written, or a
         # rerun after a code change). Resuming would make the Trainer run one step past max_steps
         # (seen: 1101 of 1100, other weights), so load it and train nothing. (FSDP needs the
