@@ -263,6 +263,10 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     inductor = {k: True for k in overrides.pop("inductor", "").split("/") if k}
     blocking_copy = overrides.pop("blocking_copy", None)
     no_rope_table = overrides.pop("rope_table", "1") == "0"
+    # blas:cublaslt routes every GEMM through cuBLASLt (torch's default picks cuBLAS for plain mm,
+    # whose split-K kernels need a memset of the output first: 220 memsets a step at 16 x 1024).
+    blas = overrides.pop("blas", None)
+    prev_blas = torch.backends.cuda.preferred_blas_library()
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
@@ -295,10 +299,14 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
                 probe.step_end(state.global_step)
 
     try:
+        if blas:
+            torch.backends.cuda.preferred_blas_library(blas)
         with torch._inductor.config.patch(inductor):
             trainer, res = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir,
                                         callbacks=[Clock()])
     finally:
+        if blas:
+            torch.backends.cuda.preferred_blas_library(prev_blas)
         for k, v in saved.items():
             setattr(engine, k, v)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
@@ -327,7 +335,7 @@ def main() -> None:
                          "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
                          "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, "
-                         "inductor:SETTING/SETTING), e.g. engine-model-loss=loss:model")
+                         "inductor:SETTING/SETTING, blas:cublaslt), e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")
     ap.add_argument("--sync-debug", action="store_true",
