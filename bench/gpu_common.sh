@@ -42,4 +42,4 @@ ddp() {
 
 # The device tool brings back at most 8 files from $OUT: the scripts that write more end with this,
 # so all of them come back in one archive (all.tgz sorts first).
-pack_out() { tar czf /tmp/all.tgz -C "$OUT" . && mv /tmp/all.tgz "$OUT/all.tgz"; }
+pack_out() { tar czf /tmp/all.tgz --exclude=./all.tgz -C "$OUT" . && mv /tmp/all.tgz "$OUT/all.tgz"; }
