@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -266,20 +267,27 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     # blas:cublaslt routes every GEMM through cuBLASLt (torch's default picks cuBLAS for plain mm,
     # whose split-K kernels need a memset of the output first: 220 memsets a step at 16 x 1024).
     blas = overrides.pop("blas", None)
-    prev_blas = torch.backends.cuda.preferred_blas_library()
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
-    saved = {k: getattr(engine, k) for k in ("training_args", "rope_table")}
-    orig_args = saved["training_args"]
+    # Everything this variant changes, undone when it ends (the next variant runs in this process).
+    changes = contextlib.ExitStack()
+    changes.enter_context(torch._inductor.config.patch(inductor))
     if blocking_copy:  # ablation: accelerate's default blocking batch copy
+        orig_args = engine.training_args
+
         def blocking(*a, **k):
             args = orig_args(*a, **k)
             args.accelerator_config.non_blocking = args.dataloader_pin_memory = False
             return args
-        engine.training_args = blocking
+        changes.enter_context(mock.patch.object(engine, "training_args", blocking))
     if no_rope_table:  # ablation: rotary cos/sin computed in every layer, every step
-        engine.rope_table = lambda model, length=0: contextlib.nullcontext()
+        changes.enter_context(mock.patch.object(
+            engine, "rope_table", lambda model, length=0: contextlib.nullcontext()))
+    if blas:
+        changes.callback(torch.backends.cuda.preferred_blas_library,
+                         torch.backends.cuda.preferred_blas_library())
+        torch.backends.cuda.preferred_blas_library(blas)
     from transformers import TrainerCallback
 
     marks = []
@@ -298,17 +306,9 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
             if probe:
                 probe.step_end(state.global_step)
 
-    try:
-        if blas:
-            torch.backends.cuda.preferred_blas_library(blas)
-        with torch._inductor.config.patch(inductor):
-            trainer, res = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir,
-                                        callbacks=[Clock()])
-    finally:
-        if blas:
-            torch.backends.cuda.preferred_blas_library(prev_blas)
-        for k, v in saved.items():
-            setattr(engine, k, v)
+    with changes:
+        trainer, res = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir,
+                                    callbacks=[Clock()])
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     times = [(s1, (t1 - t0) / (s1 - s0)) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s1 > s0]
     return {"losses": losses, "step_times": times, "result": res.as_dict()}

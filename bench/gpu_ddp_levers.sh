@@ -2,9 +2,10 @@
 # Where DDP's extra time goes (nvidia-h200-x2, one call of ~7 minutes). Session 6's profile: NCCL
 # ran the fp32 gradient all-reduce with its LL protocol and the matmuls overlapping it slowed by
 # 3 ms a step; session 7: NCCL_PROTO=Simple changed nothing (1.83x either way, CUDA graphs on).
-# The levers left, against the 1-GPU reference in the same call (all with the stage's defaults,
-# CUDA graphs included): bf16 gradient all-reduce (train.ddp_allreduce, half the bytes), and
-# NCCL_MAX_NCHANNELS=8 (fewer SMs for communication).
+# Against the 1-GPU reference in the same call (all with the stage's defaults, CUDA graphs
+# included): bf16 gradient all-reduce (train.ddp_allreduce, half the bytes) and
+# NCCL_MAX_NCHANNELS=8 (fewer SMs for communication). Session 8: 1.83x plain, 1.78x bf16,
+# 1.80x with 8 channels (bench/RESULTS_GPU.md §2).
 set -uo pipefail
 source bench/gpu_common.sh
 base_params

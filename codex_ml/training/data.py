@@ -3,9 +3,9 @@ append EOS, concatenate everything and cut into `block_size` pieces (the remaind
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
+from unittest import mock
 
 import numpy as np
 import torch
@@ -13,21 +13,12 @@ import torch
 from .. import io
 
 
-@contextlib.contextmanager
 def parallel_tokenizers():
     """The Rust tokenizers' threads on, whatever TOKENIZERS_PARALLELISM says (the Makefile and the
     GPU scripts turn them off, against the warning a later fork prints): each document's ids are
     the same either way. Packing the default corpus: 1.7 s vs 3.0 s on 2 cores; on a 16-core GPU
     host the 161 MB site-packages corpus had taken ~2 minutes on one."""
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
+    return mock.patch.dict(os.environ, TOKENIZERS_PARALLELISM="true")
 
 
 def pack(texts: Iterable[str], tokenizer, block_size: int, batch_docs: int = 256) -> torch.Tensor:
