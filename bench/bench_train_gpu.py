@@ -64,6 +64,35 @@ def short(name: str) -> str:
     return name.split("(")[0].removeprefix("void ")[:60]
 
 
+def merged(spans) -> list[tuple[int, int]]:
+    """The union of [start, end) spans, as sorted disjoint spans."""
+    out: list[list[int]] = []
+    for s0, s1 in sorted(spans):
+        if out and s0 <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], s1)
+        else:
+            out.append([s0, s1])
+    return [(a, b) for a, b in out]
+
+
+def overlap(a: list, b: list) -> list[tuple[int, int]]:
+    """The intersection of two unions from merged()."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def length(spans) -> int:
+    return sum(s1 - s0 for s0, s1 in spans)
+
+
 class Probe:
     """Looks at steps [start, start + n) of a run: a torch.profiler trace of the GPU kernels
     (time by kind, and the GPU's busy share of the wall time), and with sync_debug the places that
@@ -134,9 +163,19 @@ class Probe:
             if end is None or s1 > end:
                 end, last = s1, name
         top = sorted(where.items(), key=lambda kv: -kv[1][0])[:10]
-        return {"idle_ms_per_step_over_20us": round(idle / self.n, 2),
-                "kernels_per_step": len(ev) // self.n,
-                "top": [(round(ms / self.n, 3), round(c / self.n, 1), k) for k, (ms, c) in top]}
+        out = {"idle_ms_per_step_over_20us": round(idle / self.n, 2),
+               "kernels_per_step": len(ev) // self.n,
+               "top": [(round(ms / self.n, 3), round(c / self.n, 1), k) for k, (ms, c) in top]}
+        comm = merged((s0, s1) for s0, s1, name in ev if "nccl" in name.lower())
+        if comm:
+            # Under DDP: how long NCCL's kernels run, and for how much of that nothing else runs
+            # (an all-reduce nothing overlaps, e.g. the last bucket's after the backward), the
+            # rest being time they share the SMs with compute.
+            work = merged((s0, s1) for s0, s1, name in ev if "nccl" not in name.lower())
+            out["comm_ms_per_step"] = round(length(comm) / 1e6 / self.n, 2)
+            out["comm_alone_ms_per_step"] = round(
+                (length(comm) - length(overlap(comm, work))) / 1e6 / self.n, 2)
+        return out
 
     def step_end(self, step: int):  # `step` = steps done
         if self.prof is None or step != self.start + self.n:
@@ -421,7 +460,10 @@ def main() -> None:
                   f"{ps['gpu_busy_ms_per_step']} ms: {ps['ms_per_step_by_kind']}; syncs/step "
                   f"{ {k: n / args.profile for k, n in ps['syncs'].items()} }; idle "
                   f"{ps['idle_gaps'].get('idle_ms_per_step_over_20us')} ms/step, top gaps "
-                  f"{ps['idle_gaps'].get('top', ps['idle_gaps'])[:3]}", flush=True)
+                  f"{ps['idle_gaps'].get('top', ps['idle_gaps'])[:3]}"
+                  + (f"; NCCL {ps['idle_gaps']['comm_ms_per_step']} ms/step, alone "
+                     f"{ps['idle_gaps']['comm_alone_ms_per_step']}" if "comm_ms_per_step" in ps["idle_gaps"]
+                     else ""), flush=True)
         rows[v] = r
         if rank == 0:  # partial results survive a timeout
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

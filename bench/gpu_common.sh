@@ -23,12 +23,14 @@ base_params() {
   cp params.yaml /tmp/base.yaml && python3 tools/profile.py /tmp/b.yaml /tmp/base.yaml >/dev/null
 }
 
-# ddp NAME DEVICES DIST STEPS BATCH [COMPILE_MODE [COMPILE]] (more train keys: EXTRA='k: v'): the train stage (which relaunches
+# ddp NAME DEVICES DIST STEPS BATCH [COMPILE_MODE [COMPILE]] (more train keys: EXTRA='k: v', PATCH): the train stage (which relaunches
 # itself under torchrun when DEVICES > 1) in /tmp/run_NAME; its metrics and final trainer state
 # (the loss and tokens/s log) go to $OUT, one line of figures to stdout.
 ddp() {
   local d=/tmp/run_$1; rm -rf $d; mkdir -p $d
   cp -r stages codex_ml configs tools requirements.lock $d/ && cp /tmp/base.yaml $d/params.yaml
+  # PATCH='s/a/b/': a sed edit of this run's copy of the engine, to A/B a change of its code.
+  [ -z "${PATCH:-}" ] || sed -i "$PATCH" $d/codex_ml/training/engine.py
   printf "train: {devices: %s, distributed: %s, max_steps: %s, batch_size: %s, compile_mode: %s, compile: '%s'%s}\n" \
     "$2" "$3" "$4" "$5" "${6:-auto}" "${7:-on}" "${EXTRA:+, $EXTRA}" > $d/o.yaml
   local t0=$(date +%s)

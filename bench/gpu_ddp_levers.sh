@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
-# Where DDP's extra time goes (nvidia-h200-x2, one call of ~7 minutes). Session 6's profile: NCCL
-# ran the fp32 gradient all-reduce with its LL protocol and the matmuls overlapping it slowed by
-# 3 ms a step; session 7: NCCL_PROTO=Simple changed nothing (1.83x either way, CUDA graphs on).
-# Against the 1-GPU reference in the same call (all with the stage's defaults, CUDA graphs
-# included): bf16 gradient all-reduce (train.ddp_allreduce, half the bytes) and
-# NCCL_MAX_NCHANNELS=8 (fewer SMs for communication). Session 8: 1.83x plain, 1.78x bf16,
-# 1.80x with 8 channels (bench/RESULTS_GPU.md §2).
+# DDP levers against the 1-GPU reference in the same call (nvidia-h200-x2, each part ~6 minutes).
+# Session 6's profile: NCCL ran the fp32 gradient all-reduce with its LL protocol and the matmuls
+# overlapping it slowed by 3 ms a step. Sessions 7-8 (bench/RESULTS_GPU.md §2), none adopted:
+# NCCL_PROTO=Simple ±0, bf16 all-reduce 1.78x vs 1.83x, NCCL_MAX_NCHANNELS=8 1.80x, bucket views ±0.
+# Session 9:
+#   PART=a: 1 GPU at 16 and 64 x 1024; 2 GPUs at 16 x 1024 with the buffers no longer broadcast
+#           before every forward (the new default), with them broadcast (torch's default), and with
+#           NCCL's CTA policy "efficiency" (NCCL_CTA_POLICY=1: the fewest SMs that still give
+#           decent bandwidth, for overlap with compute).
+#   PART=b: 2 GPUs at 64 x 1024 each; then the engine under torchrun at 16 x 1024 with its kernel
+#           profile: how long NCCL's kernels run and how much of that nothing overlaps
+#           (PROFILE_ENV: environment for that run, e.g. NCCL_CTA_POLICY=1).
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
-B=${PER_GPU_BATCH:-16}
-RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b$B 1 ddp 300 $B
-RUN_TIMEOUT=120 ddp g2_b$B 2 ddp 300 $B
-RUN_TIMEOUT=120 EXTRA='ddp_allreduce: bf16' ddp g2_b${B}_bf16 2 ddp 300 $B
-RUN_TIMEOUT=120 NCCL_MAX_NCHANNELS=8 ddp g2_b${B}_ch8 2 ddp 300 $B
+python3 -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())"
+if [ "${PART:-a}" = a ]; then
+  RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b16 1 ddp 300 16 &
+  RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=1 ddp g1_b64 1 ddp 150 64
+  wait
+  RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
+  RUN_TIMEOUT=120 PATCH='s/ddp_broadcast_buffers=False/ddp_broadcast_buffers=True/' ddp g2_b16_bcast 2 ddp 300 16
+  RUN_TIMEOUT=120 NCCL_CTA_POLICY=1 ddp g2_b16_cta1 2 ddp 300 16
+else
+  RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
+  env ${PROFILE_ENV:-} timeout 200 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
+    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --splits $DATA/splits --steps 120 --batch 16 \
+    --skip 50 --profile 5 --variants engine --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1
+  grep -E "tok/s|profile|FAILED|Error" $OUT/bench_ddp_full.txt | tee $OUT/bench_ddp.txt
+fi
 echo "== done $(date +%T)"
 pack_out

@@ -86,3 +86,14 @@ def test_the_plain_loop_draws_the_engines_batches_in_the_engines_order(workspace
     engine.train(model, blocks, blocks[:4], p.train, seed=p.seed, out_dir=tmp_path)
     want = bench.engine_batches(n, p.train.batch_size, p.seed)
     assert seen == [next(want).tolist() for _ in range(7)]
+
+
+def test_the_profiles_communication_measure_counts_only_time_nothing_else_runs():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_train_gpu as b
+
+    comm = b.merged([(0, 10), (5, 20), (40, 50)])  # NCCL kernels on their own stream
+    work = b.merged([(2, 8), (15, 45), (45, 46)])  # compute kernels
+    assert comm == [(0, 20), (40, 50)] and work == [(2, 8), (15, 46)]
+    assert b.overlap(comm, work) == [(2, 8), (15, 20), (40, 46)]
+    assert b.length(comm) - b.length(b.overlap(comm, work)) == 30 - 17  # 0-2, 8-15, 46-50

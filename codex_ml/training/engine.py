@@ -366,6 +366,9 @@ def training_args(t: Train, out_dir: Path, seed: int, eval_batch: int, precision
         use_liger_kernel=fused,
         dataloader_num_workers=t.num_workers, dataloader_drop_last=True,
         ddp_find_unused_parameters=False, ddp_bucket_cap_mb=t.ddp_bucket_mb,
+        # The model's buffers (RoPE tables) follow from its config, the same on every rank:
+        # DDP's default broadcast of them before every forward is a collective for nothing.
+        ddp_broadcast_buffers=False,
         disable_tqdm=not is_main() or None,
         **fsdp,
     )
