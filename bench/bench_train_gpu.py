@@ -303,6 +303,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     inductor = {k: True for k in overrides.pop("inductor", "").split("/") if k}
     blocking_copy = overrides.pop("blocking_copy", None)
     no_rope_table = overrides.pop("rope_table", "1") == "0"
+    bucket_view = overrides.pop("bucket_view", "1") == "1"  # 0: DDP copies gradients out of its buckets
     # blas:cublaslt routes every GEMM through cuBLASLt (torch's default picks cuBLAS for plain mm,
     # whose split-K kernels need a memset of the output first: 220 memsets a step at 16 x 1024).
     blas = overrides.pop("blas", None)
@@ -323,6 +324,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     if no_rope_table:  # ablation: rotary cos/sin computed in every layer, every step
         changes.enter_context(mock.patch.object(
             engine, "rope_table", lambda model, length=0: contextlib.nullcontext()))
+    changes.enter_context(mock.patch.object(engine, "DDP_BUCKET_VIEW", bucket_view))
     if blas:
         changes.callback(torch.backends.cuda.preferred_blas_library,
                          torch.backends.cuda.preferred_blas_library())
@@ -373,7 +375,7 @@ def main() -> None:
                          "key mode = its compile mode, causal:1 = with the engine's causal "
                          "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
-                         "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, "
+                         "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, bucket_view:0 (DDP), "
                          "inductor:SETTING/SETTING, blas:cublaslt), e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")

@@ -11,6 +11,9 @@
 #   PART=b: 2 GPUs at 64 x 1024 each; then the engine under torchrun at 16 x 1024 with its kernel
 #           profile: how long NCCL's kernels run and how much of that nothing overlaps
 #           (PROFILE_ENV: environment for that run, e.g. NCCL_CTA_POLICY=1).
+#   PART=c: gradients as views into DDP's buckets (the new default): the profile with and without
+#           (bucket_view:0), then the stage on 1 GPU and on 2 at 16 x 1024.
+#   PART=d: the stage on 1 and 2 GPUs at 32 and 64 x 1024, then the DDP and FSDP GPU tests.
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
@@ -22,12 +25,24 @@ if [ "${PART:-a}" = a ]; then
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
   RUN_TIMEOUT=120 PATCH='s/ddp_broadcast_buffers=False/ddp_broadcast_buffers=True/' ddp g2_b16_bcast 2 ddp 300 16
   RUN_TIMEOUT=120 NCCL_CTA_POLICY=1 ddp g2_b16_cta1 2 ddp 300 16
-else
-  RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
-  env ${PROFILE_ENV:-} timeout 200 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
-    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --splits $DATA/splits --steps 120 --batch 16 \
-    --skip 50 --profile 5 --variants engine --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1
+elif [ "$PART" = b ] || [ "$PART" = c ]; then
+  [ "$PART" = c ] || RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
+  variants=engine; [ "$PART" = c ] && variants=engine,engine-copy=bucket_view:0
+  env ${PROFILE_ENV:-} timeout 240 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
+    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --splits $DATA/splits --steps 150 --batch 16 \
+    --skip 50 --profile 5 --variants $variants --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1
   grep -E "tok/s|profile|FAILED|Error" $OUT/bench_ddp_full.txt | tee $OUT/bench_ddp.txt
+  if [ "$PART" = c ]; then
+    RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b16 1 ddp 300 16
+    RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
+  fi
+else
+  for b in 32 64; do
+    RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b$b 1 ddp 150 $b
+    RUN_TIMEOUT=130 ddp g2_b$b 2 ddp 150 $b
+  done
+  timeout 220 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE -k "ddp or fsdp" \
+    2>&1 | tail -n 15 | tee $OUT/pytest_ddp.txt
 fi
 echo "== done $(date +%T)"
 pack_out

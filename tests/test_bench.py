@@ -39,20 +39,22 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
 
 
 def test_gpu_benchmark_runs_the_engine_under_torchrun(workspace, tmp_path):  # noqa: F811
-    """Two ranks (gloo here, NCCL on GPUs): DDP throughput and its kernel profile, rank 0 reports;
-    the plain loop is skipped (one GPU only)."""
+    """Two ranks (gloo here, NCCL on GPUs): DDP throughput and its kernel profile, rank 0 reports,
+    also for the ablation without bucket views; the plain loop is skipped (one GPU only)."""
     out = tmp_path / "ddp.json"
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          ROOT / "bench" / "bench_train_gpu.py", "--cpu-smoke", "--seq", "64", "--steps", "12",
          "--skip", "4", "--profile", "2", "--tokenizer", workspace / "models" / "tokenizer",
-         "--splits", workspace / "data" / "splits", "--variants", "baseline,engine", "--out", out],
+         "--splits", workspace / "data" / "splits", "--variants",
+         "baseline,engine,engine-copy=bucket_view:0", "--out", out],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["world_size"] == 2 and set(report["rows"]) == {"engine"}
-    assert report["rows"]["engine"]["tokens_per_s"] > 0 and report["rows"]["engine"]["profile"]
+    assert report["world_size"] == 2 and set(report["rows"]) == {"engine", "engine-copy"}
+    for row in report["rows"].values():
+        assert row["tokens_per_s"] > 0 and row["profile"]
 
 
 def load_bench():

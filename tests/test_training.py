@@ -429,6 +429,26 @@ def test_two_ranks_all_reduce_gradients_in_bf16_when_asked(workspace, tmp_path):
     assert runs["bf16"]["world_size"] == 2 and a != b and abs(a - b) < 0.05, (a, b)
 
 
+@pytest.mark.slow
+def test_two_ranks_train_like_one_rank_at_the_same_global_batch(workspace, tmp_path):
+    """DDP's gradients are views into its all-reduce buckets (engine.DDP_BUCKET_VIEW): 2 ranks x 2
+    blocks end with the weights of 1 rank x 4 blocks on the same data, which a stale, unreduced or
+    doubly-counted gradient would break. No clipping: it would hide a gradient's scale."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for ranks, batch in ((0, 4), (2, 2)):
+        d = stage_dir(workspace, tmp_path / f"r{ranks}", train=dict(
+            max_steps=8, batch_size=batch, eval_every=8, save_every=8, max_grad_norm=0.0))
+        proc = stage(d, ranks)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        weights[ranks] = load_file(d / "models" / "model" / "model.safetensors")
+    assert weights[0].keys() == weights[2].keys()
+    for k, w in weights[0].items():
+        torch.testing.assert_close(weights[2][k], w, rtol=0, atol=2e-4, msg=k)
+
+
 def test_check_data_names_what_is_too_small():
     from codex_ml.stage import UserError
 
