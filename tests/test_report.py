@@ -92,6 +92,16 @@ def test_report_renders_all_sections(run_dir, tmp_path):
     assert "<table>" in html and "<h2>Evaluation</h2>" in html
 
 
+def test_report_does_not_plot_another_runs_curves(run_dir, tmp_path):
+    """The curves end at step 3; a model said to have trained 1,289 steps did not make them."""
+    ctx = gather(paths(run_dir), "HEAD", num_samples=0)
+    ctx["train"] = {**ctx["train"], "steps": 1289}
+    info = build(ctx, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "training.png" not in info["figures"]
+    assert "end at step 3, but this model trained 1,289 steps: not this run's" in md
+
+
 def test_report_without_inputs_says_not_available(tmp_path):
     ctx = gather(paths(tmp_path / "nothing"), "no-such-ref", num_samples=3)
     info = build(ctx, tmp_path / "out")

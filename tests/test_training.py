@@ -449,6 +449,26 @@ def test_two_ranks_train_like_one_rank_at_the_same_global_batch(workspace, tmp_p
         torch.testing.assert_close(weights[2][k], w, rtol=0, atol=2e-4, msg=k)
 
 
+@pytest.mark.slow
+def test_a_fresh_run_without_dvclive_leaves_no_previous_runs_curves(workspace, tmp_path, monkeypatch):
+    """Where dvclive cannot be imported the stage warns and trains on; the previous run's curves
+    must not stay in metrics/train, where the report would show them as this run's (seen on a
+    GPU image without dvclive's dependencies)."""
+    d = stage_dir(workspace, tmp_path / "run", train=dict(max_steps=4, eval_every=4, save_every=4))
+    stale = d / "metrics" / "train" / "plots" / "metrics" / "loss.tsv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("timestamp\tstep\tloss\n0\t1100\t4.2\n")
+    hidden = tmp_path / "no_dvclive" / "dvclive"  # shadows the installed package
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('no dvclive in this environment')\n")
+    monkeypatch.setenv("PYTHONPATH", str(hidden.parent))
+    proc = stage(d)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "dvclive unavailable" in out, out[-3000:]
+    assert not stale.exists()
+    assert json.loads((d / "metrics" / "train.json").read_text())["steps"] == 4
+
+
 def test_check_data_names_what_is_too_small():
     from codex_ml.stage import UserError
 

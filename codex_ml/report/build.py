@@ -155,7 +155,14 @@ TRAIN_KEYS = ["steps", "tokens", "tokens_per_s", "final_train_loss", "final_val_
 
 def training_section(c: dict, fig_dir: Path) -> str:
     out = [kv_section(c["train"], TRAIN_KEYS)]
-    if figures.training_curves(c["curves"], fig_dir / "training.png"):
+    steps = (c["train"] or {}).get("steps")
+    last = max((s for series in c["curves"].values() for s, _ in series), default=None)
+    if steps is not None and last is not None and last != steps:
+        # The engine evaluates at its last step, so this run's series end there; others are
+        # another run's (seen: a GPU run without dvclive left the CPU run's curves in place).
+        out.append(f"\nTraining curves: {NA} (the series in {c['paths'].train_live} end at step "
+                   f"{last:,.0f}, but this model trained {steps:,} steps: not this run's).\n")
+    elif figures.training_curves(c["curves"], fig_dir / "training.png"):
         out.append("\n![Training curves](figures/training.png)\n")
     else:
         out.append(f"\nTraining curves: {NA} (no DVCLive series in {c['paths'].train_live}).\n")

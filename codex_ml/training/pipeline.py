@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,8 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
                         resume=bool(resume_from))
         except ImportError as e:  # an environment not built from requirements.lock (dvc missing)
             log.warning("dvclive unavailable (%s): training without live metrics", e)
+            if not resume_from:  # as dvclive would: the curves there are a previous run's
+                shutil.rmtree(paths.live, ignore_errors=True)
     if live is not None:
         if not torch.cuda.is_available():
             # With pynvml installed but no driver, dvclive's sampler fails before it records the
