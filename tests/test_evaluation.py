@@ -195,13 +195,28 @@ def test_bleu_and_chrf_equal_sacrebleu():
     assert per[4]["edit_similarity"] == 1.0 and per[4]["rougeL"] == 1.0
 
 
-def test_make_prompt_whole_lines_and_nonblank_next():
+def test_make_prompt_cuts_before_a_drawn_nonblank_line_the_same_every_time():
     text = "a = 1\nb = 2\n\n\nc = 3\nd = 4\n"
     prompt, rest = completion.make_prompt(text, 2)
-    assert prompt == "a = 1\nb = 2\n\n" and rest.startswith("c = 3")  # last break left to the model
-    assert completion.make_prompt("a\nb\n", 2) is None
+    assert rest in ("c = 3\nd = 4\n", "d = 4\n")  # a non-blank line after the first two
+    assert prompt + "\n" + rest == text  # the last break left to the model
+    assert completion.make_prompt(text, 2) == (prompt, rest)
+    assert completion.make_prompt("a\nb\n", 2) is None and completion.make_prompt("a\nb\n\n \n", 2) is None
     assert completion.make_prompt("a\r\nb\r\nc\r\n", 2) == ("a\r\nb", "c\r\n")
     assert completion.heal("\n    return x") == "    return x" and completion.heal("x") == "x"
+    # Files that open alike are cut in different places (the GPU profile's corpus: cut after
+    # their first lines, 32 files gave 32 times the same license header as the prompt).
+    header = "".join(f"# license line {i}\n" for i in range(13))
+    docs = [header + "".join(f"x{j} = {d}\n" for j in range(40)) for d in range(32)]
+    assert len({completion.make_prompt(d, 8)[0].count("\n") for d in docs}) > 10
+
+
+def test_completions_start_on_the_line_after_the_prompt(tiny):
+    """The prompt ends where a line ended, without its break: the first token must be one."""
+    model, tok = load_model(tiny["model"])
+    prompts = [completion.make_prompt(t, 3)[0] for t in tiny["texts"]]
+    out = completion.generate(model, tok, prompts, max_new_tokens=4, context=64, batch_size=4)
+    assert len(out) == 6 and all(o.startswith(("\n", "\r")) for o in out), out
 
 
 def test_evaluate_outputs(tiny, tmp_path):
