@@ -91,9 +91,7 @@ def test_the_plain_loop_draws_the_engines_batches_in_the_engines_order(workspace
 
 
 def test_the_profiles_communication_measure_counts_only_time_nothing_else_runs():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import bench_train_gpu as b
-
+    b = load_bench()
     comm = b.merged([(0, 10), (5, 20), (40, 50)])  # NCCL kernels on their own stream
     work = b.merged([(2, 8), (15, 45), (45, 46)])  # compute kernels
     assert comm == [(0, 20), (40, 50)] and work == [(2, 8), (15, 46)]

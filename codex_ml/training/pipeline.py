@@ -122,17 +122,16 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
 
     live = None
     if rank == 0:
-        if resume_from:
+        if resume_from:  # the interrupted run's curves go on from its checkpoint
             trim_curves(paths.live, checkpoints.step_of(resume_from))
+        else:  # a fresh run's start over, with dvclive or without (the old ones are not this run's)
+            shutil.rmtree(paths.live, ignore_errors=True)
         try:
             from dvclive import Live
-            # resume=True keeps the curves of the interrupted run; a fresh run starts them over.
             live = Live(str(paths.live), dvcyaml=False, save_dvc_exp=False,
                         resume=bool(resume_from))
         except ImportError as e:  # an environment not built from requirements.lock (dvc missing)
             log.warning("dvclive unavailable (%s): training without live metrics", e)
-            if not resume_from:  # as dvclive would: the curves there are a previous run's
-                shutil.rmtree(paths.live, ignore_errors=True)
     if live is not None:
         if not torch.cuda.is_available():
             # With pynvml installed but no driver, dvclive's sampler fails before it records the
