@@ -307,6 +307,10 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     # blas:cublaslt routes every GEMM through cuBLASLt (torch's default picks cuBLAS for plain mm,
     # whose split-K kernels need a memset of the output first: 220 memsets a step at 16 x 1024).
     blas = overrides.pop("blas", None)
+    fused_clip = overrides.pop("clip", "") == "fused"  # the clip factor as fused AdamW's grad_scale
+    bf16_residual = overrides.pop("residual", "") == "bf16"
+    if overrides.pop("params", "") == "bf16":  # an upper bound: bf16 weights and AdamW states
+        model.to(torch.bfloat16)
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
@@ -325,6 +329,8 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
         changes.enter_context(mock.patch.object(
             engine, "rope_table", lambda model, length=0: contextlib.nullcontext()))
     changes.enter_context(mock.patch.object(engine, "DDP_BUCKET_VIEW", bucket_view))
+    changes.enter_context(mock.patch.object(engine, "FUSED_CLIP", fused_clip))
+    changes.enter_context(mock.patch.object(engine, "BF16_RESIDUAL", bf16_residual))
     if blas:
         changes.callback(torch.backends.cuda.preferred_blas_library,
                          torch.backends.cuda.preferred_blas_library())
@@ -376,7 +382,8 @@ def main() -> None:
                          "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
                          "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, bucket_view:0 (DDP), "
-                         "inductor:SETTING/SETTING, blas:cublaslt), e.g. engine-model-loss=loss:model")
+                         "inductor:SETTING/SETTING, blas:cublaslt, clip:fused, residual:bf16, "
+                         "params:bf16), e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")
     ap.add_argument("--sync-debug", action="store_true",

@@ -616,3 +616,35 @@ def test_pipeline_lora_on_a_pretrained_model_the_pipeline_made(workspace, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, adapted(input_ids=x).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_clipping_folded_into_fused_adamw_trains_the_same_weights(tmp_path, monkeypatch):
+    """With the clip factor handed to torch's fused AdamW as its grad_scale, the weights and the
+    logged pre-clip norms are those of clipping first and stepping after (the Trainer's way); the
+    norm is large enough that clipping changes the weights, so the comparison can fail."""
+    from transformers import Trainer, TrainingArguments
+
+    from codex_ml.params import Train
+
+    blocks = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+    t = Train(max_grad_norm=0.05)
+
+    def run(fold: bool, clip: float):
+        monkeypatch.setattr(engine, "FUSED_CLIP", fold)
+        torch.manual_seed(0)
+        model = tiny_llama()
+        args = TrainingArguments(output_dir=str(tmp_path / f"{fold}{clip}"), optim="adamw_torch_fused",
+                                 use_cpu=True, max_steps=4, learning_rate=1e-2, max_grad_norm=clip,
+                                 logging_steps=1, report_to="none", save_strategy="no", seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=engine.Blocks(blocks))
+        assert engine.clip_in_optimizer(trainer, t, "fp32") is fold
+        trainer.train()
+        norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), norms
+
+    folded, norms = run(True, 0.05)
+    clipped, trainer_norms = run(False, 0.05)
+    unclipped, _ = run(False, 0.0)
+    assert min(norms) > 0.05 and norms == pytest.approx(trainer_norms, rel=1e-5)
+    torch.testing.assert_close(folded, clipped, rtol=1e-5, atol=1e-6)
+    assert (folded - unclipped).abs().max() > 1e-3

@@ -403,6 +403,47 @@ def bf16_allreduce(process_group, bucket):
     return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)
 
 
+# Two levers under measurement (bench/RESULTS_GPU.md, session 10); module constants, so the
+# benchmark can turn each on and off.
+FUSED_CLIP = False
+BF16_RESIDUAL = False
+
+
+def clip_in_optimizer(trainer, t: Train, precision: str) -> bool:
+    """Gradient clipping folded into torch's fused AdamW: the clip factor becomes the optimizer's
+    grad_scale (the divisor its kernel applies to each gradient as it reads it) instead of a pass
+    that multiplies every gradient in place before the step. The Trainer's grad_norm is the same
+    pre-clip norm. Only with the fused optimizer (the engine's on a GPU) and where nothing else
+    uses grad_scale: not fp16 (the loss scaler's), not FSDP (its norm spans shards)."""
+    if not (FUSED_CLIP and trainer.args.optim == "adamw_torch_fused" and t.max_grad_norm > 0
+            and precision != "fp16" and not sharded(t)):
+        return False
+
+    def clip(self, model):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+        opt.grad_scale = torch.clamp((norm + 1e-6) / t.max_grad_norm, min=1.0)
+        return norm
+    trainer._clip_grad_norm = MethodType(clip, trainer)
+    return True
+
+
+@contextlib.contextmanager
+def bf16_residual(model, on: bool):
+    """The residual stream in bf16 under bf16 autocast: the input embeddings' output is cast, and
+    every block then adds bf16 to bf16 (Megatron's default, fp32_residual_connection off). Without
+    it the stream is fp32 (the embedding's dtype), and each block's norm and residual add read and
+    write it, and its gradient, at twice the bytes."""
+    emb = base_model(model).get_input_embeddings() if on else None
+    hook = emb.register_forward_hook(lambda m, i, o: o.to(torch.bfloat16)) if emb is not None else None
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
 def check_data(train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train) -> int:
     """Enough packed data for one optimizer step on every rank and for a val loss; returns the
     blocks one step takes. The stage calls it before it touches any output."""
@@ -468,6 +509,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     cbs += callbacks or []
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_blocks),
                       eval_dataset=Blocks(val_blocks), callbacks=cbs)
+    clip_in_optimizer(trainer, t, precision)
     if ws > 1 and not sharded(t):
         # accelerate wraps the model in DDP with these settings, then registers the hook.
         trainer.accelerator.ddp_handler = ddp_handler(trainer.accelerator.ddp_handler, t)
@@ -495,7 +537,8 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         # causal_attention also pins it inside the model's graph (compile caches ignore the flags).
         with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext(), \
                 causal_attention(model, backends), rope_table(model, t.block_size), \
-                fused_ce.fused_loss(model, loss == "fused"):
+                fused_ce.fused_loss(model, loss == "fused"), \
+                bf16_residual(model, BF16_RESIDUAL and precision == "bf16"):
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_s = out.metrics.get("train_runtime")
     st = trainer.state
