@@ -163,9 +163,16 @@ class Probe:
             if end is None or s1 > end:
                 end, last = s1, name
         top = sorted(where.items(), key=lambda kv: -kv[1][0])[:10]
+        # Each memset is a launch (and a gap) of its own: which kernels they are made for.
+        memsets: dict[str, int] = {}
+        for (_, _, name), (_, _, nxt) in zip(ev, ev[1:]):
+            if name.startswith("Memset"):
+                memsets[nxt] = memsets.get(nxt, 0) + 1
         out = {"idle_ms_per_step_over_20us": round(idle / self.n, 2),
                "kernels_per_step": len(ev) // self.n,
-               "top": [(round(ms / self.n, 3), round(c / self.n, 1), k) for k, (ms, c) in top]}
+               "top": [(round(ms / self.n, 3), round(c / self.n, 1), k) for k, (ms, c) in top],
+               "memsets_before": [(round(c / self.n, 1), k) for k, c in
+                                  sorted(memsets.items(), key=lambda kv: -kv[1])[:8]]}
         comm = merged((s0, s1) for s0, s1, name in ev if "nccl" in name.lower())
         if comm:
             # Under DDP: how long NCCL's kernels run, and for how much of that nothing else runs
@@ -307,8 +314,8 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     # blas:cublaslt routes every GEMM through cuBLASLt (torch's default picks cuBLAS for plain mm,
     # whose split-K kernels need a memset of the output first: 220 memsets a step at 16 x 1024).
     blas = overrides.pop("blas", None)
-    fused_clip = overrides.pop("clip", "") == "fused"  # the clip factor as fused AdamW's grad_scale
-    bf16_residual = overrides.pop("residual", "") == "bf16"
+    fused_clip = overrides.pop("clip", "fused") == "fused"  # unfused: the Trainer's clipping pass
+    bf16_residual = overrides.pop("residual", "bf16") == "bf16"  # fp32: the embedding's dtype
     if overrides.pop("params", "") == "bf16":  # an upper bound: bf16 weights and AdamW states
         model.to(torch.bfloat16)
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
@@ -382,7 +389,7 @@ def main() -> None:
                          "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
                          "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, bucket_view:0 (DDP), "
-                         "inductor:SETTING/SETTING, blas:cublaslt, clip:fused, residual:bf16, "
+                         "inductor:SETTING/SETTING, blas:cublaslt, clip:unfused, residual:fp32, "
                          "params:bf16), e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")
@@ -470,6 +477,7 @@ def main() -> None:
                   f"{ {k: n / args.profile for k, n in ps['syncs'].items()} }; idle "
                   f"{ps['idle_gaps'].get('idle_ms_per_step_over_20us')} ms/step, top gaps "
                   f"{ps['idle_gaps'].get('top', ps['idle_gaps'])[:3]}"
+                  + f"; memsets before {ps['idle_gaps'].get('memsets_before', [])[:4]}"
                   + (f"; NCCL {ps['idle_gaps']['comm_ms_per_step']} ms/step, alone "
                      f"{ps['idle_gaps']['comm_alone_ms_per_step']}" if "comm_ms_per_step" in ps["idle_gaps"]
                      else ""), flush=True)

@@ -5,10 +5,12 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1 TQDM_DISABLE=1
 if [ -d .whl ] && [ -z "${NO_WHL:-}" ]; then  # NO_WHL=1: a dry run on the CPU machine
-  # Once per machine: a script sourcing this again must not reinstall under a running one.
-  [ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile \
+  # Once per machine and set of wheels: a script sourcing this again must not reinstall under a
+  # running one. (The image lacks dvc's dependencies, scmrepo and the rest, which dvclive needs.)
+  mark=/tmp/site/.installed-$(ls .whl | md5sum | cut -c1-8)
+  [ -f $mark ] || { python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 &&
-    touch /tmp/site/.installed; } || { echo "wheel install failed"; exit 1; }
+    touch $mark; } || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site
 fi
 export OUT=${OUT:-/tmp/out}

@@ -40,6 +40,9 @@ def test_gpu_defaults_bf16_compiled_and_the_loss_falls(workspace, tmp_path, mode
     assert res.final_val_loss < 5.5 and res.steady_tokens_per_s > 0
     # CUDA graphs replay into static buffers: the weights must still be the trained ones.
     assert next(trainer.model.parameters()).is_cuda
+    # The clip factor went to fused AdamW (grad_scale), the Trainer logged the pre-clip norms.
+    assert trainer.optimizer.optimizer.grad_scale.item() >= 1.0
+    assert all(h["grad_norm"] > 0 for h in trainer.state.log_history if "loss" in h)
 
 
 def test_fused_ce_kernel_matches_the_torch_path():

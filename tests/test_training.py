@@ -648,3 +648,24 @@ def test_clipping_folded_into_fused_adamw_trains_the_same_weights(tmp_path, monk
     assert min(norms) > 0.05 and norms == pytest.approx(trainer_norms, rel=1e-5)
     torch.testing.assert_close(folded, clipped, rtol=1e-5, atol=1e-6)
     assert (folded - unclipped).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_bf16_training_keeps_the_residual_stream_in_bf16(workspace, tmp_path, monkeypatch, on):
+    """Under bf16 autocast the blocks add bf16 to bf16 (the stream no longer inherits the fp32
+    embedding's dtype), only while training: the model's own forward is fp32 again afterwards."""
+    from codex_ml import modeling
+
+    monkeypatch.setattr(engine, "BF16_RESIDUAL", on)
+    p = params(train=dict(max_steps=2, precision="bf16", save_every=1000, eval_every=1000))
+    tok, tr, va = tiny_blocks(workspace)
+    model = modeling.build(p.model, tok, 32)
+    seen = []
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).dtype))
+    engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path)
+    assert seen and set(seen) == {torch.bfloat16 if on else torch.float32}
+    seen.clear()
+    model(input_ids=tr[:1])
+    hook.remove()
+    assert seen == [torch.float32]
