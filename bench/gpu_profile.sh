@@ -6,7 +6,7 @@
 #   PROFILE_TIME=110 ...                           # session 9, with the report's figures
 set -uo pipefail
 source bench/gpu_common.sh
-PROFILE_TIME=${PROFILE_TIME:-240}
+PROFILE_TIME=${PROFILE_TIME:-240}  # a safety net: the profile itself ends first since session 10
 python3 tools/profile.py profiles/gpu.yaml
 printf "train: {max_time_s: %s, devices: 1}\n" "$PROFILE_TIME" > /tmp/budget.yaml
 python3 tools/profile.py /tmp/budget.yaml
