@@ -316,8 +316,6 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     blas = overrides.pop("blas", None)
     fused_clip = overrides.pop("clip", "fused") == "fused"  # unfused: the Trainer's clipping pass
     bf16_residual = overrides.pop("residual", "bf16") == "bf16"  # fp32: the embedding's dtype
-    if overrides.pop("params", "") == "bf16":  # an upper bound: bf16 weights and AdamW states
-        model.to(torch.bfloat16)
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
@@ -389,8 +387,8 @@ def main() -> None:
                          "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
                          "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, bucket_view:0 (DDP), "
-                         "inductor:SETTING/SETTING, blas:cublaslt, clip:unfused, residual:fp32, "
-                         "params:bf16), e.g. engine-model-loss=loss:model")
+                         "inductor:SETTING/SETTING, blas:cublaslt, clip:unfused, residual:fp32), "
+                         "e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")
     ap.add_argument("--sync-debug", action="store_true",
