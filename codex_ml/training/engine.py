@@ -422,8 +422,7 @@ def clip_in_optimizer(trainer, t: Train, precision: str) -> bool:
         return False
 
     def clip(self, model):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
         opt.grad_scale = torch.clamp((norm + 1e-6) / t.max_grad_norm, min=1.0)
         return norm
