@@ -15,30 +15,31 @@
 #           (bucket_view:0), then the stage on 1 GPU and on 2 at 16 x 1024.
 #   PART=d: the stage on 1 and 2 GPUs at 32 and 64 x 1024, then the DDP and FSDP GPU tests.
 # Session 10:
-#   PART=e: the stage on 1 GPU at 16 and 64 x 1024 (one on each GPU, at once; the 16 x 1024 run
-#           also lists the aten/extern calls in inductor's generated code), then on 2 GPUs at
+#   PART=e: the stage on 1 GPU at 16 and 64 x 1024 (one on each GPU, at once), then on 2 GPUs at
 #           16 and 64 x 1024 each, then the DDP and FSDP GPU tests.
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
 python3 -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())"
-if [ "${PART:-a}" = a ]; then
+one_gpu_refs() {  # the 1-GPU references at 16 and 64 x 1024, one on each GPU, at once
   RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b16 1 ddp 300 16 &
   RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=1 ddp g1_b64 1 ddp 150 64
   wait
+}
+ddp_tests() {
+  timeout ${TEST_TIMEOUT:-220} python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE \
+    -k "ddp or fsdp" 2>&1 | tail -n 15 | tee $OUT/pytest_ddp.txt
+}
+if [ "${PART:-a}" = a ]; then
+  one_gpu_refs
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
   RUN_TIMEOUT=120 PATCH='s/ddp_broadcast_buffers=False/ddp_broadcast_buffers=True/' ddp g2_b16_bcast 2 ddp 300 16
   RUN_TIMEOUT=120 NCCL_CTA_POLICY=1 ddp g2_b16_cta1 2 ddp 300 16
 elif [ "$PART" = e ]; then
-  RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 TORCHINDUCTOR_CACHE_DIR=/tmp/ic_g1 ddp g1_b16 1 ddp 300 16 &
-  RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=1 ddp g1_b64 1 ddp 150 64
-  wait
-  grep -rhoE "(aten|extern_kernels)\.[A-Za-z_0-9]+(\.[A-Za-z_]+)?" /tmp/ic_g1 --include=*.py | sort | uniq -c \
-    | sort -rn > $OUT/inductor_calls.txt; head -n 12 $OUT/inductor_calls.txt
+  one_gpu_refs
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
   RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
-  timeout ${TEST_TIMEOUT:-220} python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE \
-    -k "ddp or fsdp" 2>&1 | tail -n 15 | tee $OUT/pytest_ddp.txt
+  ddp_tests
 elif [ "$PART" = b ] || [ "$PART" = c ]; then
   [ "$PART" = c ] || RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
   variants=engine; [ "$PART" = c ] && variants=engine,engine-copy=bucket_view:0
@@ -55,8 +56,7 @@ else
     RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b$b 1 ddp 150 $b
     RUN_TIMEOUT=130 ddp g2_b$b 2 ddp 150 $b
   done
-  timeout 220 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE -k "ddp or fsdp" \
-    2>&1 | tail -n 15 | tee $OUT/pytest_ddp.txt
+  ddp_tests
 fi
 echo "== done $(date +%T)"
 pack_out

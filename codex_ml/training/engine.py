@@ -436,8 +436,8 @@ def bf16_residual(model, on: bool):
     every block then adds bf16 to bf16 (Megatron's default, fp32_residual_connection off). Without
     it the stream is fp32 (the embedding's dtype), and each block's norm and residual add read and
     write it, and its gradient, at twice the bytes."""
-    emb = base_model(model).get_input_embeddings() if on else None
-    hook = emb.register_forward_hook(lambda m, i, o: o.to(torch.bfloat16)) if emb is not None else None
+    emb = base_model(model).get_input_embeddings()
+    hook = emb.register_forward_hook(lambda m, i, o: o.to(torch.bfloat16)) if on else None
     try:
         yield
     finally:
