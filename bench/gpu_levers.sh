@@ -13,3 +13,19 @@ timeout ${BENCH_TIMEOUT:-540} python3 bench/bench_train_gpu.py \
   --variants "${VARIANTS:-baseline,engine,engine-blocking=blocking_copy:1,engine-fp8=float8:tensorwise,engine-fp8-body=float8:tensorwise+float8_skip:lm_head,engine-fp8-row=float8:rowwise}" \
   --out $OUT/bench_train_gpu${TAG:-}.json > $OUT/bench_full${TAG:-}.txt 2>&1
 grep -E "tok/s|x baseline|profile|data:|FAILED|Traceback|Error|wrote" $OUT/bench_full${TAG:-}.txt | tee $OUT/bench${TAG:-}.txt
+# DUMP_KERNELS=1: the generated source of the top inductor kernels of every variant, as
+# $OUT/kernels.tgz (each name as the profile lists it, cut at 90 characters, matched as a prefix).
+if [ -n "${DUMP_KERNELS:-}" ]; then
+  python3 - "$OUT/bench_train_gpu${TAG:-}.json" "$OUT/kernels.tgz" <<'PY'
+import json, pathlib, sys, tarfile, tempfile
+rows = json.load(open(sys.argv[1]))["rows"].values()
+names = {n for r in rows for _, _, n in r.get("profile", {}).get("top_kernels", []) if n.startswith("triton_")}
+root = pathlib.Path(tempfile.gettempdir()) / "torchinductor_root"
+with tarfile.open(sys.argv[2], "w:gz") as tar:
+    for f in root.rglob("*.py"):
+        text = f.read_text(errors="replace")
+        if any(f"def {n}" in text for n in names):
+            tar.add(f, arcname=str(f.relative_to(root)))
+print("kernel sources:", len(tarfile.open(sys.argv[2]).getnames()))
+PY
+fi

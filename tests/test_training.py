@@ -650,6 +650,58 @@ def test_clipping_folded_into_fused_adamw_trains_the_same_weights(tmp_path, monk
     assert (folded - unclipped).abs().max() > 1e-3
 
 
+def test_fused_projections_make_one_matmul_per_group_with_the_same_loss_and_gradients():
+    """q/k/v (and with `all` gate/up) run as one matmul each (the model's own forward code
+    unchanged, no graph break); logits and every parameter's gradient match the separate layers';
+    LoRA-wrapped projections keep their own matmuls; everything is back afterwards."""
+    from codex_ml.modeling import apply_lora
+    from codex_ml.params import Lora
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = torch.randint(0, 64, (2, 16))
+
+    def step(m):
+        m.zero_grad()
+        out = m(input_ids=x, labels=x)
+        out.loss.backward()
+        return out.logits.detach(), {n.removeprefix("_orig_mod."): p.grad.clone()
+                                     for n, p in m.named_parameters() if p.grad is not None}
+
+    def linears(m):
+        graphs = []
+        torch._dynamo.reset()
+        torch.compile(m, fullgraph=True, backend=lambda gm, ex: graphs.append(gm) or gm.forward)(
+            input_ids=x)
+        torch._dynamo.reset()
+        return sum(n.target is torch._C._nn.linear for g in graphs for n in g.graph.nodes)
+
+    want_logits, want_grads = step(model)
+    layers = model.config.num_hidden_layers
+    assert linears(model) == 7 * layers + 1
+    for which, n in (("qkv", 5), ("all", 4)):
+        with engine.fused_projections(model, which):
+            assert linears(model) == n * layers + 1
+            logits, grads = step(model)
+            torch._dynamo.reset()
+            c_logits, c_grads = step(torch.compile(model, backend="aot_eager", fullgraph=True))
+            torch._dynamo.reset()
+        torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(c_logits, want_logits, rtol=0, atol=1e-6)
+        for g in (grads, c_grads):
+            assert g.keys() == want_grads.keys()
+            for k in g:
+                torch.testing.assert_close(g[k], want_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+        assert not any("forward" in vars(m) for m in model.modules())
+
+    lora = apply_lora(model, Lora(enabled=True, target_modules=["q_proj", "v_proj"]))
+    unfused = linears(lora)
+    with engine.fused_projections(lora, "all"):
+        assert linears(lora) == unfused - layers  # only gate/up fused: q, k, v keep their own
+    with engine.fused_projections(model, ""):
+        assert not any("forward" in vars(m) for m in model.modules())
+
+
 @pytest.mark.parametrize("on", [True, False])
 def test_bf16_training_keeps_the_residual_stream_in_bf16(workspace, tmp_path, monkeypatch, on):
     """Under bf16 autocast the blocks add bf16 to bf16 (the stream no longer inherits the fp32

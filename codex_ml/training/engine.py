@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -445,6 +446,63 @@ def bf16_residual(model, on: bool):
             hook.remove()
 
 
+SIBLINGS = {"qkv": (("q_proj", "k_proj", "v_proj"),),
+            "all": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))}
+# Off: on an H200 (bench/RESULTS_GPU.md, session 7) the matmuls took 0.66 ms less a step but the
+# backward's concatenation of the group's output gradients ran as slow pointwise kernels (+3 ms).
+# The benchmark's fused_proj:qkv|all turns it on.
+FUSED_PROJ = ""
+
+
+@contextlib.contextmanager
+def fused_projections(model, which: str):
+    """While training, the Linear layers that read the same input (attention's q/k/v; with `all`
+    the MLP's gate/up too) run as one matmul over their concatenated weights: at width 768 the
+    separate matmuls run below the big ones' speed (the q/k/v weight gradients as split-K
+    kernels) and the input gradients are summed by extra kernels. The model's forward code runs
+    unchanged: the first layer of a group computes all of the group's outputs and hands its
+    siblings theirs when they are called on the same input tensor; on any other input a sibling
+    computes its own. Weights stay separate parameters (checkpoints, optimizer, DDP unchanged).
+    Only groups of plain nn.Linear of one input width (LoRA-wrapped layers keep their own)."""
+    import torch.nn.functional as F
+
+    groups = []
+    for parent in base_model(model).modules() if which else []:
+        for names in SIBLINGS[which]:
+            mods = [getattr(parent, n, None) for n in names]
+            if (all(type(m) is torch.nn.Linear for m in mods)
+                    and len({(m.in_features, m.bias is None) for m in mods}) == 1):
+                groups.append(mods)
+    for mods in groups:
+        handed: dict = {}  # the input the group last ran on, and the siblings' outputs
+
+        def first(x, _mods=mods, _handed=handed):
+            w = torch.cat([m.weight for m in _mods])
+            b = None if _mods[0].bias is None else torch.cat([m.bias for m in _mods])
+            outs = F.linear(x, w, b).split([m.out_features for m in _mods], dim=-1)
+            _handed.clear()
+            _handed.update(x=x, outs=list(outs[1:]))
+            return outs[0]
+
+        def sibling(x, _i, _m, _handed=handed):
+            if _handed and _handed["x"] is x and _handed["outs"][_i] is not None:
+                out, _handed["outs"][_i] = _handed["outs"][_i], None
+                if all(o is None for o in _handed["outs"]):
+                    _handed.clear()  # nothing of the step is kept alive after the group ran
+                return out
+            return F.linear(x, _m.weight, _m.bias)
+
+        mods[0].forward = first
+        for i, m in enumerate(mods[1:]):
+            m.forward = functools.partial(sibling, _i=i, _m=m)
+    try:
+        yield
+    finally:
+        for mods in groups:
+            for m in mods:
+                del m.forward
+
+
 def check_data(train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train) -> int:
     """Enough packed data for one optimizer step on every rank and for a val loss; returns the
     blocks one step takes. The stage calls it before it touches any output."""
@@ -539,7 +597,8 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext(), \
                 causal_attention(model, backends), rope_table(model, t.block_size), \
                 fused_ce.fused_loss(model, loss == "fused"), \
-                bf16_residual(model, BF16_RESIDUAL and precision == "bf16"):
+                bf16_residual(model, BF16_RESIDUAL and precision == "bf16"), \
+                fused_projections(model, FUSED_PROJ if torch.cuda.is_available() and not sharded(t) else ""):
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_s = out.metrics.get("train_runtime")
     st = trainer.state
