@@ -317,7 +317,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     fused_clip = overrides.pop("clip", "fused") == "fused"  # unfused: the Trainer's clipping pass
     bf16_residual = overrides.pop("residual", "bf16") == "bf16"  # fp32: the embedding's dtype
     fused_proj = overrides.pop("fused_proj", engine.FUSED_PROJ)  # qkv|all: one matmul per group
-    cat_slices = overrides.pop("cat", None) == "slices"
+    pointwise_cat = overrides.pop("cat", None) == "pointwise"
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
@@ -339,23 +339,9 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     changes.enter_context(mock.patch.object(engine, "FUSED_CLIP", fused_clip))
     changes.enter_context(mock.patch.object(engine, "BF16_RESIDUAL", bf16_residual))
     changes.enter_context(mock.patch.object(engine, "FUSED_PROJ", "" if fused_proj == "0" else fused_proj))
-    if cat_slices:
-        # Diagnosis of fused_proj's slow backward: inductor lowers the concatenation of the
-        # group's output gradients as one pointwise kernel with a masked load per input. This
-        # makes each wide last-dim cat a ConcatKernel instead (each producer writes its slice), and
-        # turns off the compile caches, which do not key on a patched lowering.
-        from torch._inductor import ir, lowering
-
-        plain = lowering.pointwise_cat
-
-        def slices(inputs, dim=0):
-            size = inputs[0].get_size()
-            if dim == len(size) - 1 and sum(int(i.get_size()[dim]) for i in inputs) >= 1024:
-                return lowering.TensorBox(ir.ConcatKernel.create(inputs, dim))
-            return plain(inputs, dim)
-        changes.enter_context(mock.patch.object(lowering, "pointwise_cat", slices))
-        changes.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-        changes.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    if pointwise_cat:  # ablation: inductor's own lowering of the fused projections' backward cat
+        changes.enter_context(mock.patch.object(engine, "wide_cat_slices",
+                                                lambda on: contextlib.nullcontext()))
     if blas:
         changes.callback(torch.backends.cuda.preferred_blas_library,
                          torch.backends.cuda.preferred_blas_library())

@@ -650,6 +650,39 @@ def test_clipping_folded_into_fused_adamw_trains_the_same_weights(tmp_path, monk
     assert (folded - unclipped).abs().max() > 1e-3
 
 
+def test_wide_cat_slices_lowers_only_wide_last_dim_concatenations_to_slices():
+    """Under wide_cat_slices a last-dim cat of inputs >= 256 wide is lowered as slices that each
+    producer writes (aliases of one output buffer), a narrow one keeps inductor's pointwise cat (a
+    kernel named for the cat, with a masked load per input), results are the same, and inductor's
+    lowering and config are back afterwards. On a CPU inductor always lowers cat to slices, unless
+    force_pointwise_cat, which routes it through the helper the context swaps."""
+    import torch._inductor.config as ic
+    from torch._inductor import lowering
+    from torch._inductor.utils import run_and_get_code
+
+    def f(a, b):
+        return torch.cat([a.sin(), b.cos()], dim=-1) * 2
+
+    def lowered(width):
+        a, b = torch.randn(8, width), torch.randn(8, width)
+        torch._dynamo.reset()
+        out, (code,) = run_and_get_code(torch.compile(f, fullgraph=True), a, b)
+        torch._dynamo.reset()
+        torch.testing.assert_close(out, f(a, b))
+        return {"pointwise": "fused_cat_" in code, "slices": code.count("# alias")}
+
+    plain = lowering.pointwise_cat
+    with ic.patch(force_pointwise_cat=True, fx_graph_cache=False):
+        want = {w: lowered(w) for w in (32, 256)}
+        with engine.wide_cat_slices(True):
+            assert ic.post_grad_custom_post_pass.uuid()
+            got = {w: lowered(w) for w in (32, 256)}
+        assert lowering.pointwise_cat is plain and ic.post_grad_custom_post_pass is None
+    pointwise = {"pointwise": True, "slices": 0}
+    assert want == {32: pointwise, 256: pointwise}, want
+    assert got == {32: pointwise, 256: {"pointwise": False, "slices": 2}}, got
+
+
 def test_fused_projections_make_one_matmul_per_group_with_the_same_loss_and_gradients():
     """q/k/v (and with `all` gate/up) run as one matmul each (the model's own forward code
     unchanged, no graph break); logits and every parameter's gradient match the separate layers';

@@ -448,10 +448,52 @@ def bf16_residual(model, on: bool):
 
 SIBLINGS = {"qkv": (("q_proj", "k_proj", "v_proj"),),
             "all": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))}
-# Off: on an H200 (bench/RESULTS_GPU.md, session 7) the matmuls took 0.66 ms less a step but the
-# backward's concatenation of the group's output gradients ran as slow pointwise kernels (+3 ms).
-# The benchmark's fused_proj:qkv|all turns it on.
-FUSED_PROJ = ""
+# H200, 16 x 1024 (bench/RESULTS_GPU.md, session 11): q/k/v and gate/up as one matmul each, with
+# their backward's concatenations as slices (wide_cat_slices), 530k vs 517k tokens/s (+2.5%), 627
+# kernels a step instead of 903. Without the slices it was 6% slower (session 7, and again in 11).
+# A module constant: the benchmark's fused_proj:0|qkv ablations.
+FUSED_PROJ = "all"
+
+
+@contextlib.contextmanager
+def wide_cat_slices(on: bool):
+    """While the engine compiles, a concatenation along the last dimension of inputs each at least
+    256 wide is lowered by having each input's producer write its slice of the output (inductor's
+    ConcatKernel), not as one pointwise kernel with a masked load per input. For the backward of
+    fused_projections (the q/k/v and gate/up output gradients joined for one matmul) inductor chose
+    the pointwise kernel, which also recomputed RoPE's backward inside it: 3.1 ms a step against
+    0.6 ms as slices (H200, torch 2.11). Narrow concatenations (RoPE's 32-wide halves) keep
+    inductor's choice. Inductor has no setting for this (torch 2.11), so its private lowering
+    helper is swapped for the duration; the compile caches key on inductor's config, not on a
+    lowering, so a no-op post-grad pass whose uuid names this code keeps their entries apart."""
+    from torch._inductor import config, ir, lowering
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    plain = getattr(lowering, "pointwise_cat", None)
+    if not on or plain is None or config.post_grad_custom_post_pass is not None:
+        yield
+        return
+
+    def cat(inputs, dim=0):
+        sizes = lowering.V.graph.sizevars
+        if dim == len(inputs[0].get_size()) - 1 and all(
+                sizes.statically_known_geq(x.get_size()[dim], 256) for x in inputs):
+            return lowering.TensorBox(ir.ConcatKernel.create(inputs, dim))
+        return plain(inputs, dim)
+
+    class CacheKey(CustomGraphPass):
+        def __call__(self, graph):
+            pass
+
+        def uuid(self):
+            return get_hash_for_files((__file__,), "wide_cat_slices")
+
+    lowering.pointwise_cat = cat
+    try:
+        with config.patch(post_grad_custom_post_pass=CacheKey()):
+            yield
+    finally:
+        lowering.pointwise_cat = plain
 
 
 @contextlib.contextmanager
@@ -463,7 +505,10 @@ def fused_projections(model, which: str):
     unchanged: the first layer of a group computes all of the group's outputs and hands its
     siblings theirs when they are called on the same input tensor; on any other input a sibling
     computes its own. Weights stay separate parameters (checkpoints, optimizer, DDP unchanged).
-    Only groups of plain nn.Linear of one input width (LoRA-wrapped layers keep their own)."""
+    Only groups of plain nn.Linear of one input width (LoRA-wrapped layers keep their own). The
+    engine turns it on with a CUDA GPU, compiled with wide_cat_slices (not on CPUs, where it is
+    not measured and where it would move results by rounding: the input gradient is summed in
+    another order)."""
     import torch.nn.functional as F
 
     groups = []
@@ -592,13 +637,14 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         from torch.nn.attention import sdpa_kernel
 
         backends = attention_backends(t.attention)
+        fuse = FUSED_PROJ if torch.cuda.is_available() and not sharded(t) else ""
         # Compilation picks the attention kernel while tracing, so the choice holds from the start;
         # causal_attention also pins it inside the model's graph (compile caches ignore the flags).
         with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext(), \
                 causal_attention(model, backends), rope_table(model, t.block_size), \
                 fused_ce.fused_loss(model, loss == "fused"), \
                 bf16_residual(model, BF16_RESIDUAL and precision == "bf16"), \
-                fused_projections(model, FUSED_PROJ if torch.cuda.is_available() and not sharded(t) else ""):
+                fused_projections(model, fuse), wide_cat_slices(bool(fuse) and compiled):
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_s = out.metrics.get("train_runtime")
     st = trainer.state
