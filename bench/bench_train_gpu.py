@@ -303,11 +303,12 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     if "float8" in overrides:
         convert_float8(model, overrides.pop("float8"),
                        tuple(x for x in overrides.pop("float8_skip", "").split("/") if x))
-    # inductor:NAME/NAME turns those boolean inductor settings on for this variant, e.g.
-    # coordinate_descent_tuning (block sizes of the generated kernels tuned while compiling).
+    # inductor:NAME/NAME=0 turns those boolean inductor settings on (off with =0) for this variant,
+    # e.g. coordinate_descent_tuning (block sizes of the generated kernels tuned while compiling).
     import torch._inductor.config
 
-    inductor = {k: True for k in overrides.pop("inductor", "").split("/") if k}
+    inductor = {k: v != "0" for k, _, v in (x.partition("=") for x in overrides.pop("inductor", "").split("/")
+                                            if x)}
     blocking_copy = overrides.pop("blocking_copy", None)
     no_rope_table = overrides.pop("rope_table", "1") == "0"
     bucket_view = overrides.pop("bucket_view", "1") == "1"  # 0: DDP copies gradients out of its buckets
@@ -318,6 +319,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     bf16_residual = overrides.pop("residual", "bf16") == "bf16"  # fp32: the embedding's dtype
     fused_proj = overrides.pop("fused_proj", engine.FUSED_PROJ)  # qkv|all: one matmul per group
     pointwise_cat = overrides.pop("cat", None) == "pointwise"
+    bf16_weights = overrides.pop("weights", "bf16") == "bf16"  # cast: autocast casts them each step
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
@@ -339,6 +341,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     changes.enter_context(mock.patch.object(engine, "FUSED_CLIP", fused_clip))
     changes.enter_context(mock.patch.object(engine, "BF16_RESIDUAL", bf16_residual))
     changes.enter_context(mock.patch.object(engine, "FUSED_PROJ", "" if fused_proj == "0" else fused_proj))
+    changes.enter_context(mock.patch.object(engine, "BF16_WEIGHTS", bf16_weights))
     if pointwise_cat:  # ablation: inductor's own lowering of the fused projections' backward cat
         changes.enter_context(mock.patch.object(engine, "wide_cat_slices",
                                                 lambda on: contextlib.nullcontext()))

@@ -650,6 +650,64 @@ def test_clipping_folded_into_fused_adamw_trains_the_same_weights(tmp_path, monk
     assert (folded - unclipped).abs().max() > 1e-3
 
 
+def test_bf16_weight_copies_train_like_autocast_and_follow_the_weights():
+    """fused_projections(bf16_weights=True): every trainable Linear but the head runs on a bf16
+    copy of its weights (one per fused group); trained under bf16 autocast with the copies
+    refreshed after each AdamW step, the weights end where autocast's own casts take them, the
+    copies equal the weights in bf16, the traced graph leaves only the head to autocast, and
+    nothing is left on the model afterwards."""
+    from codex_ml.modeling import apply_lora
+    from codex_ml.params import Lora
+
+    x = torch.randint(0, 64, (4, 16))
+
+    def train(with_copies: bool, steps: int = 5):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        with engine.fused_projections(model, "all", bf16_weights=with_copies) as refresh:
+            assert (refresh is not None) == with_copies
+            for _ in range(steps):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                if with_copies:
+                    linear = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
+                    assert linear and all(p.grad.dtype == torch.float32 for p in linear)
+                opt.step()
+                opt.zero_grad()
+                if refresh:
+                    refresh()
+            if with_copies:
+                layer = model.model.layers[0]
+                attn, mlp = layer.self_attn, layer.mlp
+                want = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+                assert torch.equal(attn.q_proj._w16, want.to(torch.bfloat16))
+                assert torch.equal(mlp.down_proj._w16, mlp.down_proj.weight.to(torch.bfloat16))
+                assert not hasattr(model.lm_head, "_w16") and not hasattr(attn.k_proj, "_w16")
+                graphs = []
+                torch._dynamo.reset()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    torch.compile(model, fullgraph=True, backend=lambda gm, ex: graphs.append(gm)
+                                  or gm.forward)(input_ids=x)
+                torch._dynamo.reset()
+                linears = [n for g in graphs for n in g.graph.nodes if n.target is torch._C._nn.linear]
+                assert len(linears) == 1, linears  # only the head is left to autocast
+        assert not any("forward" in vars(m) or "_w16" in m._buffers for m in model.modules())
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    # On a CPU the weight gradient is rounded to bf16 after its matmul, as under autocast (fp32
+    # out of the matmul is a CUDA kernel), so the two train to the same weights bit for bit.
+    want, got = train(False), train(True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+    lora = apply_lora(tiny_llama(), Lora(enabled=True, target_modules=["q_proj", "v_proj"]))
+    with engine.fused_projections(lora, "all", bf16_weights=True):
+        copied = {n.split(".")[-2] for n, m in lora.named_modules() if "_w16" in m._buffers}
+        assert copied == {"lora_A", "lora_B"}  # the frozen base layers keep autocast
+
+
 def test_wide_cat_slices_lowers_only_wide_last_dim_concatenations_to_slices():
     """Under wide_cat_slices a last-dim cat of inputs >= 256 wide is lowered as slices that each
     producer writes (aliases of one output buffer), a narrow one keeps inductor's pointwise cat (a

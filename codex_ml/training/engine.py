@@ -299,6 +299,20 @@ class LowPrecisionOutputs(TrainerCallback):
             model.forward = MethodType(inner.model_forward, model)
 
 
+class RefreshCopies(TrainerCallback):
+    """fused_projections' bf16 weight copies follow the weights: after each optimizer step, and at
+    the start (the weights of a resumed checkpoint, or of rank 0 under DDP)."""
+
+    def __init__(self, refresh):
+        self.refresh = refresh
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.refresh()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.refresh()
+
+
 class TimeBudget(TrainerCallback):
     """train.max_time_s: stop after a wall-clock budget, evaluating and saving the last step."""
 
@@ -453,6 +467,8 @@ SIBLINGS = {"qkv": (("q_proj", "k_proj", "v_proj"),),
 # kernels a step instead of 903. Without the slices it was 6% slower (session 7, and again in 11).
 # A module constant: the benchmark's fused_proj:0|qkv ablations.
 FUSED_PROJ = "all"
+# Measured in session 11 (bench/RESULTS_GPU.md); the benchmark's weights:cast ablation.
+BF16_WEIGHTS = True
 
 
 @contextlib.contextmanager
@@ -496,8 +512,32 @@ def wide_cat_slices(on: bool):
         lowering.pointwise_cat = plain
 
 
+class Linear16(torch.autograd.Function):
+    """x @ w16.T for bias-free Linear layers whose fp32 weights `ws` (one, or a fused group's,
+    stacked by rows) have a bf16 copy `w16` that bf16_weights keeps. The same matmuls as under
+    autocast, minus autocast's cast of every weight each step, and the weight gradient comes out
+    of its matmul in fp32 (autocast rounds it to bf16 and casts it back: another kernel per
+    weight). Routed to the fp32 weights, split by rows."""
+
+    @staticmethod
+    def forward(ctx, x, w16, *ws):
+        x16 = x.to(w16.dtype)
+        ctx.save_for_backward(x16, w16)
+        ctx.x_dtype, ctx.rows = x.dtype, [w.shape[0] for w in ws]
+        return x16 @ w16.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x16, w16 = ctx.saved_tensors
+        dy = dy.to(w16.dtype)
+        d2, x2 = dy.reshape(-1, dy.shape[-1]), x16.reshape(-1, x16.shape[-1])
+        # fp32 out of a bf16 matmul is a CUDA kernel (aten::mm.dtype); elsewhere cast after.
+        dw = torch.mm(d2.t(), x2, out_dtype=torch.float32) if d2.is_cuda else (d2.t() @ x2).float()
+        return ((dy @ w16).to(ctx.x_dtype), None, *dw.split(ctx.rows))
+
+
 @contextlib.contextmanager
-def fused_projections(model, which: str):
+def fused_projections(model, which: str, bf16_weights: bool = False):
     """While training, the Linear layers that read the same input (attention's q/k/v; with `all`
     the MLP's gate/up too) run as one matmul over their concatenated weights: at width 768 the
     separate matmuls run below the big ones' speed (the q/k/v weight gradients as split-K
@@ -508,23 +548,48 @@ def fused_projections(model, which: str):
     Only groups of plain nn.Linear of one input width (LoRA-wrapped layers keep their own). The
     engine turns it on with a CUDA GPU, compiled with wide_cat_slices (not on CPUs, where it is
     not measured and where it would move results by rounding: the input gradient is summed in
-    another order)."""
+    another order).
+
+    bf16_weights: every trainable bias-free plain Linear (the output embeddings aside: the fused
+    loss reads them) and every such group runs through Linear16 on a bf16 copy of its weights,
+    a buffer that is not saved. Yields the function that refreshes the copies from the weights,
+    which the engine calls after each optimizer step (None without bf16_weights)."""
     import torch.nn.functional as F
 
+    base = base_model(model)
     groups = []
-    for parent in base_model(model).modules() if which else []:
+    for parent in base.modules() if which else []:
         for names in SIBLINGS[which]:
             mods = [getattr(parent, n, None) for n in names]
             if (all(type(m) is torch.nn.Linear for m in mods)
                     and len({(m.in_features, m.bias is None) for m in mods}) == 1):
                 groups.append(mods)
+    grouped = {id(m) for mods in groups for m in mods}
+    head = base.get_output_embeddings()
+    groups += [[m] for m in base.modules() if bf16_weights and type(m) is torch.nn.Linear
+               and id(m) not in grouped and m is not head]
+    copied = []  # modules holding a group's bf16 copy, and that group
     for mods in groups:
+        ws = [m.weight for m in mods]
+        if bf16_weights and all(w.requires_grad for w in ws) and mods[0].bias is None:
+            mods[0].register_buffer("_w16", torch.cat(ws).detach().to(torch.bfloat16), persistent=False)
+            copied.append((mods[0], ws))
+
+            def matmul(x, _m=mods[0], _ws=ws):
+                return Linear16.apply(x, _m._w16, *_ws)
+        elif len(mods) == 1:
+            continue
+        else:
+            def matmul(x, _mods=mods):
+                b = None if _mods[0].bias is None else torch.cat([m.bias for m in _mods])
+                return F.linear(x, torch.cat([m.weight for m in _mods]), b)
+        if len(mods) == 1:
+            mods[0].forward = matmul
+            continue
         handed: dict = {}  # the input the group last ran on, and the siblings' outputs
 
-        def first(x, _mods=mods, _handed=handed):
-            w = torch.cat([m.weight for m in _mods])
-            b = None if _mods[0].bias is None else torch.cat([m.bias for m in _mods])
-            outs = F.linear(x, w, b).split([m.out_features for m in _mods], dim=-1)
+        def first(x, _mods=mods, _handed=handed, _matmul=matmul):
+            outs = _matmul(x).split([m.out_features for m in _mods], dim=-1)
             _handed.clear()
             _handed.update(x=x, outs=list(outs[1:]))
             return outs[0]
@@ -540,12 +605,16 @@ def fused_projections(model, which: str):
         mods[0].forward = first
         for i, m in enumerate(mods[1:]):
             m.forward = functools.partial(sibling, _i=i, _m=m)
+    dst = [v for m, ws in copied for v in m._w16.split([w.shape[0] for w in ws])]
+    src = [w for _, ws in copied for w in ws]
     try:
-        yield
+        yield (lambda: torch._foreach_copy_(dst, [w.detach() for w in src])) if copied else None
     finally:
         for mods in groups:
             for m in mods:
-                del m.forward
+                vars(m).pop("forward", None)
+        for m, _ in copied:
+            del m._w16
 
 
 def check_data(train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train) -> int:
@@ -637,14 +706,18 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
         from torch.nn.attention import sdpa_kernel
 
         backends = attention_backends(t.attention)
-        fuse = FUSED_PROJ if torch.cuda.is_available() and not sharded(t) else ""
+        gpu = torch.cuda.is_available() and not sharded(t)
+        fuse = FUSED_PROJ if gpu else ""
+        bf16w = BF16_WEIGHTS and gpu and precision == "bf16"
         # Compilation picks the attention kernel while tracing, so the choice holds from the start;
         # causal_attention also pins it inside the model's graph (compile caches ignore the flags).
         with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext(), \
                 causal_attention(model, backends), rope_table(model, t.block_size), \
                 fused_ce.fused_loss(model, loss == "fused"), \
                 bf16_residual(model, BF16_RESIDUAL and precision == "bf16"), \
-                fused_projections(model, fuse), wide_cat_slices(bool(fuse) and compiled):
+                fused_projections(model, fuse, bf16w) as refresh, wide_cat_slices(bool(fuse) and compiled):
+            if refresh:
+                trainer.add_callback(RefreshCopies(refresh))
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_s = out.metrics.get("train_runtime")
     st = trainer.state
