@@ -17,6 +17,8 @@
 # Session 10:
 #   PART=e: the stage on 1 GPU at 16 and 64 x 1024 (one on each GPU, at once), then on 2 GPUs at
 #           16 and 64 x 1024 each, then the DDP and FSDP GPU tests.
+# Session 11:
+#   PART=f: PART=e without the tests (fused projections and bf16 weight copies under DDP).
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
@@ -35,11 +37,11 @@ if [ "${PART:-a}" = a ]; then
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
   RUN_TIMEOUT=120 PATCH='s/ddp_broadcast_buffers=False/ddp_broadcast_buffers=True/' ddp g2_b16_bcast 2 ddp 300 16
   RUN_TIMEOUT=120 NCCL_CTA_POLICY=1 ddp g2_b16_cta1 2 ddp 300 16
-elif [ "$PART" = e ]; then
+elif [ "$PART" = e ] || [ "$PART" = f ]; then
   one_gpu_refs
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
   RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
-  ddp_tests
+  [ "$PART" = f ] || ddp_tests
 elif [ "$PART" = b ] || [ "$PART" = c ]; then
   [ "$PART" = c ] || RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
   variants=engine; [ "$PART" = c ] && variants=engine,engine-copy=bucket_view:0

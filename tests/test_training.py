@@ -708,6 +708,39 @@ def test_bf16_weight_copies_train_like_autocast_and_follow_the_weights():
         assert copied == {"lora_A", "lora_B"}  # the frozen base layers keep autocast
 
 
+def test_fused_projections_compile_under_ddp_graph_splitting(monkeypatch):
+    """DDP's graph splitting (dynamo's DDPOptimizer) copies the traced graph's input sources; with
+    the layers' state reached through function defaults it failed on torch 2.11 (the GPU image's:
+    "DefaultsSource.__init__() takes from 3 to 4 positional arguments"). A one-rank DDP model
+    with small buckets (several graphs) compiles and gives the unwrapped model's loss."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    torch.manual_seed(0)
+    model = tiny_llama(hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+    x = torch.randint(0, 64, (2, 16))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with engine.fused_projections(model, "all", bf16_weights=True), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            want = model(input_ids=x, labels=x).loss
+            ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
+            torch._dynamo.reset()
+            got = torch.compile(ddp, backend="aot_eager")(input_ids=x, labels=x).loss
+            got.backward()
+            torch._dynamo.reset()
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(got, want)
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_wide_cat_slices_lowers_only_wide_last_dim_concatenations_to_slices():
     """Under wide_cat_slices a last-dim cat of inputs >= 256 wide is lowered as slices that each
     producer writes (aliases of one output buffer), a narrow one keeps inductor's pointwise cat (a

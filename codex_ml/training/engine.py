@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -554,8 +553,6 @@ def fused_projections(model, which: str, bf16_weights: bool = False):
     loss reads them) and every such group runs through Linear16 on a bf16 copy of its weights,
     a buffer that is not saved. Yields the function that refreshes the copies from the weights,
     which the engine calls after each optimizer step (None without bf16_weights)."""
-    import torch.nn.functional as F
-
     base = base_model(model)
     groups = []
     for parent in base.modules() if which else []:
@@ -574,37 +571,15 @@ def fused_projections(model, which: str, bf16_weights: bool = False):
         if bf16_weights and all(w.requires_grad for w in ws) and mods[0].bias is None:
             mods[0].register_buffer("_w16", torch.cat(ws).detach().to(torch.bfloat16), persistent=False)
             copied.append((mods[0], ws))
-
-            def matmul(x, _m=mods[0], _ws=ws):
-                return Linear16.apply(x, _m._w16, *_ws)
         elif len(mods) == 1:
             continue
-        else:
-            def matmul(x, _mods=mods):
-                b = None if _mods[0].bias is None else torch.cat([m.bias for m in _mods])
-                return F.linear(x, torch.cat([m.weight for m in _mods]), b)
-        if len(mods) == 1:
-            mods[0].forward = matmul
-            continue
-        handed: dict = {}  # the input the group last ran on, and the siblings' outputs
-
-        def first(x, _mods=mods, _handed=handed, _matmul=matmul):
-            outs = _matmul(x).split([m.out_features for m in _mods], dim=-1)
-            _handed.clear()
-            _handed.update(x=x, outs=list(outs[1:]))
-            return outs[0]
-
-        def sibling(x, _i, _m, _handed=handed):
-            if _handed and _handed["x"] is x and _handed["outs"][_i] is not None:
-                out, _handed["outs"][_i] = _handed["outs"][_i], None
-                if all(o is None for o in _handed["outs"]):
-                    _handed.clear()  # nothing of the step is kept alive after the group ran
-                return out
-            return F.linear(x, _m.weight, _m.bias)
-
-        mods[0].forward = first
-        for i, m in enumerate(mods[1:]):
-            m.forward = functools.partial(sibling, _i=i, _m=m)
+        # State on the modules themselves, read through `self`: torch.compile reaches the weights by
+        # attribute, which DDP's graph splitting can copy (through a function's defaults it failed
+        # to: torch 2.11, "DefaultsSource.__init__() takes from 3 to 4 positional arguments").
+        for i, m in enumerate(mods):
+            m._codex_group = (tuple(mods), i)
+            m.forward = MethodType(_group_forward if i == 0 else _sibling_forward, m)
+        mods[0]._codex_handed = {}  # the input the group last ran on, and the siblings' outputs
     dst = [v for m, ws in copied for v in m._w16.split([w.shape[0] for w in ws])]
     src = [w for _, ws in copied for w in ws]
     try:
@@ -612,9 +587,42 @@ def fused_projections(model, which: str, bf16_weights: bool = False):
     finally:
         for mods in groups:
             for m in mods:
-                vars(m).pop("forward", None)
+                for name in ("forward", "_codex_group", "_codex_handed"):
+                    vars(m).pop(name, None)
         for m, _ in copied:
             del m._w16
+
+
+def _group_forward(self, x):
+    """fused_projections' forward of a group's first layer: the whole group's matmul, handing the
+    siblings' outputs on (a group of one: just its matmul on the bf16 copy)."""
+    import torch.nn.functional as F
+
+    mods = self._codex_group[0]
+    if "_w16" in self._buffers:
+        y = Linear16.apply(x, self._w16, *[m.weight for m in mods])
+    else:
+        b = None if self.bias is None else torch.cat([m.bias for m in mods])
+        y = F.linear(x, torch.cat([m.weight for m in mods]), b)
+    if len(mods) == 1:
+        return y
+    outs = y.split([m.out_features for m in mods], dim=-1)
+    self._codex_handed.clear()
+    self._codex_handed.update(x=x, outs=list(outs[1:]))
+    return outs[0]
+
+
+def _sibling_forward(self, x):
+    import torch.nn.functional as F
+
+    mods, i = self._codex_group
+    handed = mods[0]._codex_handed
+    if handed and handed["x"] is x and handed["outs"][i - 1] is not None:
+        out, handed["outs"][i - 1] = handed["outs"][i - 1], None
+        if all(o is None for o in handed["outs"]):
+            handed.clear()  # nothing of the step is kept alive after the group ran
+        return out
+    return F.linear(x, self.weight, self.bias)  # called on another input: its own matmul
 
 
 def check_data(train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train) -> int:
