@@ -466,7 +466,8 @@ SIBLINGS = {"qkv": (("q_proj", "k_proj", "v_proj"),),
 # kernels a step instead of 903. Without the slices it was 6% slower (session 7, and again in 11).
 # A module constant: the benchmark's fused_proj:0|qkv ablations.
 FUSED_PROJ = "all"
-# Measured in session 11 (bench/RESULTS_GPU.md); the benchmark's weights:cast ablation.
+# Session 11: bf16 weight copies (Linear16) 533k vs 528k tokens/s (+0.9%), 535 kernels a step
+# instead of 627. The benchmark's weights:cast ablation.
 BF16_WEIGHTS = True
 
 
@@ -476,8 +477,8 @@ def wide_cat_slices(on: bool):
     256 wide is lowered by having each input's producer write its slice of the output (inductor's
     ConcatKernel), not as one pointwise kernel with a masked load per input. For the backward of
     fused_projections (the q/k/v and gate/up output gradients joined for one matmul) inductor chose
-    the pointwise kernel, which also recomputed RoPE's backward inside it: 3.1 ms a step against
-    0.6 ms as slices (H200, torch 2.11). Narrow concatenations (RoPE's 32-wide halves) keep
+    the pointwise kernel, which also recomputed RoPE's backward inside it: 3.28 ms a step against
+    0.58 ms as slices (H200, torch 2.11). Narrow concatenations (RoPE's 32-wide halves) keep
     inductor's choice. Inductor has no setting for this (torch 2.11), so its private lowering
     helper is swapped for the duration; the compile caches key on inductor's config, not on a
     lowering, so a no-op post-grad pass whose uuid names this code keeps their entries apart."""
@@ -727,6 +728,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
             if refresh:
                 trainer.add_callback(RefreshCopies(refresh))
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            trainer.remove_callback(RefreshCopies)  # it holds the copies, gone from the model now
         train_s = out.metrics.get("train_runtime")
     st = trainer.state
     evals = [h for h in st.log_history if "eval_loss" in h]
