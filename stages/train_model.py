@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--out", default="models/model")
     ap.add_argument("--checkpoints", default="models/checkpoints")
     ap.add_argument("--metrics", default="metrics/train.json")
+    ap.add_argument("--live", default="metrics/train", help="dvclive's directory: the training curves")
     a = ap.parse_args()
     p = params.load()
 
@@ -46,7 +47,7 @@ def main():
         launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else []
         os.execv(sys.executable, [sys.executable, *launch, *sys.argv])
     paths = pipeline.Paths(splits=Path(a.splits), tokenizer=Path(a.tokenizer), out=Path(a.out),
-                           checkpoints=Path(a.checkpoints))
+                           checkpoints=Path(a.checkpoints), live=Path(a.live))
     m = pipeline.run(p, paths)
     if int(os.environ.get("RANK", 0)) == 0:
         io.write_json(a.metrics, m)

@@ -67,7 +67,9 @@ def run(tmp_path_factory):
     stage(ws, "train_tokenizer", "--splits", "data/splits_raw", "--output", "models/tok_raw",
           "--metrics", "/dev/null")
     stage(ws, "train_model", "--splits", "data/splits_raw", "--tokenizer", "models/tok_raw",
-          "--out", "models/model_raw", "--checkpoints", "models/ck_raw", "--metrics", "/dev/null")
+          "--out", "models/model_raw", "--checkpoints", "models/ck_raw", "--metrics", "/dev/null",
+          "--live", "metrics/train_raw")
+    assert (ws / "metrics" / "train_raw" / "metrics.json").exists()  # not over the first run's curves
     return ws, canaries
 
 
