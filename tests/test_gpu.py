@@ -63,6 +63,33 @@ def test_fused_ce_kernel_matches_the_torch_path():
     assert got[1][::7].abs().max().item() == 0  # ignored rows: no gradient
 
 
+def test_linear16_on_cuda_matches_autocast_with_fp32_weight_gradients():
+    """On CUDA Linear16's weight gradient comes out of the matmul in fp32 (aten::mm.dtype): the
+    output and input gradient of autocast's F.linear, the weight gradient autocast's within its
+    bf16 rounding (and not rounded itself), split by rows over a fused group's weights."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 192, device="cuda", requires_grad=True)
+    ws = [torch.randn(n, 192, device="cuda", requires_grad=True) for n in (192, 64, 64)]
+    dy = torch.randn(4, 256, 320, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = F.linear(x, torch.cat(ws))
+    want.backward(dy)
+    want_g = [t.grad.clone() for t in (x, *ws)]
+    for t in (x, *ws):
+        t.grad = None
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = engine.Linear16.apply(x, torch.cat(ws).detach().bfloat16(), *ws)
+    got.backward(dy)
+    torch.testing.assert_close(got, want)  # the same bf16 matmul
+    torch.testing.assert_close(x.grad, want_g[0], rtol=1e-2, atol=1e-2)
+    for w, g in zip(ws, want_g[1:]):
+        assert w.grad.dtype == torch.float32 and w.grad.shape == w.shape
+        torch.testing.assert_close(w.grad, g, rtol=1e-2, atol=1e-2)
+        assert not torch.equal(w.grad, w.grad.bfloat16().float())  # fp32, not rounded to bf16
+
+
 def test_attention_backends_agree(workspace, tmp_path):
     finals = {}
     for choice in ("flash", "cudnn", "efficient", "math"):
