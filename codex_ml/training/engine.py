@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MethodType
 
 import torch
+import torch.nn.functional as F
 from transformers import TrainerCallback
 from transformers.integrations import DVCLiveCallback
 
@@ -565,15 +566,13 @@ def fused_projections(model, which: str, bf16_weights: bool = False):
     grouped = {id(m) for mods in groups for m in mods}
     head = base.get_output_embeddings()
     groups += [[m] for m in base.modules() if bf16_weights and type(m) is torch.nn.Linear
-               and id(m) not in grouped and m is not head]
+               and id(m) not in grouped and m is not head and m.weight.requires_grad and m.bias is None]
     copied = []  # modules holding a group's bf16 copy, and that group
     for mods in groups:
         ws = [m.weight for m in mods]
         if bf16_weights and all(w.requires_grad for w in ws) and mods[0].bias is None:
             mods[0].register_buffer("_w16", torch.cat(ws).detach().to(torch.bfloat16), persistent=False)
             copied.append((mods[0], ws))
-        elif len(mods) == 1:
-            continue
         # State on the modules themselves, read through `self`: torch.compile reaches the weights by
         # attribute, which DDP's graph splitting can copy (through a function's defaults it failed
         # to: torch 2.11, "DefaultsSource.__init__() takes from 3 to 4 positional arguments").
@@ -582,9 +581,9 @@ def fused_projections(model, which: str, bf16_weights: bool = False):
             m.forward = MethodType(_group_forward if i == 0 else _sibling_forward, m)
         mods[0]._codex_handed = {}  # the input the group last ran on, and the siblings' outputs
     dst = [v for m, ws in copied for v in m._w16.split([w.shape[0] for w in ws])]
-    src = [w for _, ws in copied for w in ws]
+    src = [w.detach() for _, ws in copied for w in ws]  # views: the optimizer's updates show
     try:
-        yield (lambda: torch._foreach_copy_(dst, [w.detach() for w in src])) if copied else None
+        yield (lambda: torch._foreach_copy_(dst, src)) if copied else None
     finally:
         for mods in groups:
             for m in mods:
@@ -597,8 +596,6 @@ def fused_projections(model, which: str, bf16_weights: bool = False):
 def _group_forward(self, x):
     """fused_projections' forward of a group's first layer: the whole group's matmul, handing the
     siblings' outputs on (a group of one: just its matmul on the bf16 copy)."""
-    import torch.nn.functional as F
-
     mods = self._codex_group[0]
     if "_w16" in self._buffers:
         y = Linear16.apply(x, self._w16, *[m.weight for m in mods])
@@ -614,8 +611,6 @@ def _group_forward(self, x):
 
 
 def _sibling_forward(self, x):
-    import torch.nn.functional as F
-
     mods, i = self._codex_group
     handed = mods[0]._codex_handed
     if handed and handed["x"] is x and handed["outs"][i - 1] is not None:
