@@ -320,6 +320,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     fused_proj = overrides.pop("fused_proj", engine.FUSED_PROJ)  # qkv|all: one matmul per group
     pointwise_cat = overrides.pop("cat", None) == "pointwise"
     bf16_weights = overrides.pop("weights", "bf16") == "bf16"  # cast: autocast casts them each step
+    fused_adamw = overrides.pop("adamw", "triton") == "triton"  # torch: torch's fused AdamW + copy pass
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
@@ -342,6 +343,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     changes.enter_context(mock.patch.object(engine, "BF16_RESIDUAL", bf16_residual))
     changes.enter_context(mock.patch.object(engine, "FUSED_PROJ", "" if fused_proj == "0" else fused_proj))
     changes.enter_context(mock.patch.object(engine, "BF16_WEIGHTS", bf16_weights))
+    changes.enter_context(mock.patch.object(engine, "FUSED_ADAMW", fused_adamw))
     if pointwise_cat:  # ablation: inductor's own lowering of the fused projections' backward cat
         changes.enter_context(mock.patch.object(engine, "wide_cat_slices",
                                                 lambda on: contextlib.nullcontext()))
@@ -396,7 +398,8 @@ def main() -> None:
                          "attention), engine* (the engine with params' defaults, "
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
                          "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, bucket_view:0 (DDP), "
-                         "inductor:SETTING/SETTING, blas:cublaslt, clip:unfused, residual:fp32), "
+                         "inductor:SETTING/SETTING, blas:cublaslt, clip:unfused, residual:fp32, fused_proj:0|qkv, "
+                         "cat:pointwise, weights:cast, adamw:torch), "
                          "e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")

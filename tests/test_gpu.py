@@ -4,6 +4,7 @@ on CPU; run on a GPU machine with `pytest -m gpu` (bench/gpu_ddp.sh does)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from test_training import ddp_kill_and_resume, params, stage, stage_dir, tiny_bl
 from test_training import workspace  # noqa: F401 (a fixture)
 
 from codex_ml import modeling
-from codex_ml.training import engine
+from codex_ml.training import adamw, engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -41,8 +42,63 @@ def test_gpu_defaults_bf16_compiled_and_the_loss_falls(workspace, tmp_path, mode
     # CUDA graphs replay into static buffers: the weights must still be the trained ones.
     assert next(trainer.model.parameters()).is_cuda
     # The clip factor went to fused AdamW (grad_scale), the Trainer logged the pre-clip norms.
-    assert trainer.optimizer.optimizer.grad_scale.item() >= 1.0
+    opt = trainer.optimizer.optimizer
+    assert opt.grad_scale.item() >= 1.0
+    # AdamW ran as the Triton kernel (its address tables exist) and wrote the bf16 weight copies,
+    # which the forward reads: stale copies would not have let the loss fall.
+    assert isinstance(opt, adamw.AdamW16) and opt._tables and not opt.copies  # released after train
     assert all(h["grad_norm"] > 0 for h in trainer.state.log_history if "loss" in h)
+
+
+def test_adamw16_kernel_steps_like_torch_fused_adamw_and_writes_the_bf16_copies():
+    """AdamW16's Triton kernel against torch's fused AdamW over six steps: two param groups (with
+    and without weight decay), sizes that are no multiple of its block, a changing grad_scale (the
+    engine's clip factor), new gradient tensors each step and the same ones again (its address
+    table rebuilt, then reused); the copies equal the weights in bf16 exactly, and a state saved
+    by torch's optimizer continues in AdamW16 as in torch's."""
+    torch.manual_seed(0)
+    shapes = [(2304, 768), (768,), (4097,), (3, 5), (1000, 768)]
+    ref = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    copies = {mine[0]: torch.empty(shapes[0], device="cuda", dtype=torch.bfloat16),
+              mine[2]: torch.empty(shapes[2], device="cuda", dtype=torch.bfloat16)}
+    kw = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+    def groups(ps):
+        return [{"params": ps[:3], "weight_decay": 0.1}, {"params": ps[3:], "weight_decay": 0.0}]
+
+    want, got = torch.optim.AdamW(groups(ref), **kw), adamw.AdamW16(groups(mine), copies=copies, **kw)
+    grads = None
+    for step in range(6):
+        if step != 3:  # step 3 reuses step 2's gradient tensors
+            grads = [torch.randn(s, device="cuda") for s in shapes]
+        for ps in (ref, mine):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone() if step != 3 else p.grad.copy_(g)
+        want.grad_scale = got.grad_scale = torch.tensor(1.0 + step / 2, device="cuda")
+        want.step()
+        got.step()
+    assert got._tables  # the kernel ran (torch's step would leave no tables)
+    for a, b in zip(ref, mine):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(got.state[b][k], want.state[a][k], rtol=1e-5, atol=1e-7)
+    for p, c in copies.items():
+        assert torch.equal(c, p.detach().bfloat16())
+
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    cont = adamw.AdamW16(groups(resumed), **kw)
+    cont.load_state_dict(copy.deepcopy(want.state_dict()))  # as from a file: no shared tensors
+    grads = [torch.randn(s, device="cuda") for s in shapes]
+    for ps in (ref, resumed):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+    want.grad_scale = cont.grad_scale = None
+    want.step()
+    cont.step()
+    assert cont._tables
+    for a, b in zip(ref, resumed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_ce_kernel_matches_the_torch_path():

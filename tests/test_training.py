@@ -20,7 +20,7 @@ import yaml
 
 from codex_ml import io
 from codex_ml.params import Params
-from codex_ml.training import checkpoints, engine
+from codex_ml.training import adamw, checkpoints, engine
 from codex_ml.training.data import pack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -664,9 +664,11 @@ def test_bf16_weight_copies_train_like_autocast_and_follow_the_weights():
     def train(with_copies: bool, steps: int = 5):
         torch.manual_seed(0)
         model = tiny_llama()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        with engine.fused_projections(model, "all", bf16_weights=with_copies) as refresh:
-            assert (refresh is not None) == with_copies
+        with engine.fused_projections(model, "all", bf16_weights=with_copies) as copies:
+            assert bool(copies) == with_copies
+            # AdamW16 runs torch's AdamW on a CPU, then refreshes the copies.
+            opt = (adamw.AdamW16(model.parameters(), lr=1e-2, copies=copies) if with_copies
+                   else torch.optim.AdamW(model.parameters(), lr=1e-2))
             for _ in range(steps):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = model(input_ids=x, labels=x).loss
@@ -676,8 +678,6 @@ def test_bf16_weight_copies_train_like_autocast_and_follow_the_weights():
                     assert linear and all(p.grad.dtype == torch.float32 for p in linear)
                 opt.step()
                 opt.zero_grad()
-                if refresh:
-                    refresh()
             if with_copies:
                 layer = model.model.layers[0]
                 attn, mlp = layer.self_attn, layer.mlp

@@ -24,7 +24,7 @@ from transformers.integrations import DVCLiveCallback
 
 from ..modeling import base_model
 from ..params import Train
-from . import checkpoints, fused_ce
+from . import adamw, checkpoints, fused_ce
 from .data import Blocks, evenly_spaced
 
 log = logging.getLogger("codex.train")
@@ -300,17 +300,19 @@ class LowPrecisionOutputs(TrainerCallback):
 
 
 class RefreshCopies(TrainerCallback):
-    """fused_projections' bf16 weight copies follow the weights: after each optimizer step, and at
-    the start (the weights of a resumed checkpoint, or of rank 0 under DDP)."""
+    """fused_projections' bf16 weight copies follow the weights: at the start (the weights of a
+    resumed checkpoint, or of rank 0 under DDP), and after each step of an optimizer that does
+    not write them itself (adamw.AdamW16 does)."""
 
-    def __init__(self, refresh):
-        self.refresh = refresh
+    def __init__(self, copies: dict):
+        self.copies = copies
 
     def on_train_begin(self, args, state, control, **kw):
-        self.refresh()
+        adamw.refresh_copies(self.copies)
 
-    def on_step_end(self, args, state, control, **kw):
-        self.refresh()
+    def on_step_end(self, args, state, control, optimizer=None, **kw):
+        if not isinstance(getattr(optimizer, "optimizer", optimizer), adamw.AdamW16):
+            adamw.refresh_copies(self.copies)
 
 
 class TimeBudget(TrainerCallback):
@@ -470,6 +472,9 @@ FUSED_PROJ = "all"
 # Session 11: bf16 weight copies (Linear16) 533k vs 528k tokens/s (+0.9%), 535 kernels a step
 # instead of 627. The benchmark's weights:cast ablation.
 BF16_WEIGHTS = True
+# Session 12: AdamW as one Triton kernel per param group that writes the bf16 copies too
+# (adamw.AdamW16) instead of torch's fused AdamW and a copy pass. The benchmark's adamw:torch ablation.
+FUSED_ADAMW = True
 
 
 @contextlib.contextmanager
@@ -553,8 +558,8 @@ def fused_projections(model, which: str, bf16_weights: bool = False):
 
     bf16_weights: every trainable bias-free plain Linear (the output embeddings aside: the fused
     loss reads them) and every such group runs through Linear16 on a bf16 copy of its weights,
-    a buffer that is not saved. Yields the function that refreshes the copies from the weights,
-    which the engine calls after each optimizer step (None without bf16_weights)."""
+    a buffer that is not saved. Yields {weight: its rows of the copy}, for the optimizer to keep
+    equal to the weights in bf16 (adamw.AdamW16; empty without bf16_weights)."""
     base = base_model(model)
     groups = []
     for parent in base.modules() if which else []:
@@ -580,10 +585,8 @@ def fused_projections(model, which: str, bf16_weights: bool = False):
             m._codex_group = (tuple(mods), i)
             m.forward = MethodType(_group_forward if i == 0 else _sibling_forward, m)
         mods[0]._codex_handed = {}  # the input the group last ran on, and the siblings' outputs
-    dst = [v for m, ws in copied for v in m._w16.split([w.shape[0] for w in ws])]
-    src = [w.detach() for _, ws in copied for w in ws]  # views: the optimizer's updates show
     try:
-        yield (lambda: torch._foreach_copy_(dst, src)) if copied else None
+        yield {w: v for m, ws in copied for w, v in zip(ws, m._w16.split([w.shape[0] for w in ws]))}
     finally:
         for mods in groups:
             for m in mods:
@@ -719,11 +722,18 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
                 causal_attention(model, backends), rope_table(model, t.block_size), \
                 fused_ce.fused_loss(model, loss == "fused"), \
                 bf16_residual(model, BF16_RESIDUAL and precision == "bf16"), \
-                fused_projections(model, fuse, bf16w) as refresh, wide_cat_slices(bool(fuse) and compiled):
-            if refresh:
-                trainer.add_callback(RefreshCopies(refresh))
+                fused_projections(model, fuse, bf16w) as copies, wide_cat_slices(bool(fuse) and compiled):
+            if FUSED_ADAMW and gpu and args.optim == "adamw_torch_fused":
+                # The Trainer's own optimizer arguments (param groups, lr, betas, eps), our class.
+                kw = Trainer.get_optimizer_cls_and_kwargs(args, model)[1]
+                trainer.optimizer_cls_and_kwargs = (adamw.AdamW16, {**kw, "copies": copies})
+            if copies:
+                trainer.add_callback(RefreshCopies(copies))
             out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            trainer.remove_callback(RefreshCopies)  # it holds the copies, gone from the model now
+            # Both hold the copies, gone from the model now.
+            trainer.remove_callback(RefreshCopies)
+            if isinstance(opt := getattr(trainer.optimizer, "optimizer", trainer.optimizer), adamw.AdamW16):
+                opt.copies = {}
         train_s = out.metrics.get("train_runtime")
     st = trainer.state
     evals = [h for h in st.log_history if "eval_loss" in h]
