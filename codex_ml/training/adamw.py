@@ -130,9 +130,10 @@ class AdamW16(torch.optim.AdamW):
             first = torch.repeat_interleave(per.cumsum(0) - per, per)
             blocks = torch.stack([torch.repeat_interleave(torch.arange(len(ps)), per),
                                   (torch.arange(int(per.sum())) - first) * BLOCK], 1)
+            # From pinned memory without blocking: a pageable copy would wait for the GPU.
             dev = ps[0].device
-            cached = (addrs, torch.tensor(addrs, dtype=torch.int64, device=dev),
-                      blocks.to(dev, torch.int32).flatten())
+            cached = (addrs, torch.tensor(addrs, dtype=torch.int64).pin_memory().to(dev, non_blocking=True),
+                      blocks.int().flatten().pin_memory().to(dev, non_blocking=True))
             self._tables[i] = cached
         return [s["step"] for s in states], cached[1], cached[2]
 
