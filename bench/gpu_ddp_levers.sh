@@ -19,6 +19,9 @@
 #           16 and 64 x 1024 each, then the DDP and FSDP GPU tests.
 # Session 11:
 #   PART=f: PART=e without the tests (fused projections and bf16 weight copies under DDP).
+# Session 12:
+#   PART=g: the DDP and FSDP GPU tests first (AdamW16 the optimizer now), then the 1-GPU references
+#           and 2 GPUs at 64 x 1024 each.
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
@@ -37,6 +40,10 @@ if [ "${PART:-a}" = a ]; then
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
   RUN_TIMEOUT=120 PATCH='s/ddp_broadcast_buffers=False/ddp_broadcast_buffers=True/' ddp g2_b16_bcast 2 ddp 300 16
   RUN_TIMEOUT=120 NCCL_CTA_POLICY=1 ddp g2_b16_cta1 2 ddp 300 16
+elif [ "$PART" = g ]; then
+  ddp_tests
+  one_gpu_refs
+  RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
 elif [ "$PART" = e ] || [ "$PART" = f ]; then
   one_gpu_refs
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
