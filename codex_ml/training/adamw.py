@@ -7,9 +7,11 @@ then refreshed by another pass (0.13 ms). Here one kernel over all of a group's 
 of their addresses, like torch's multi-tensor apply) reads 16 bytes a parameter and writes 12,
 plus the bf16 copy where the weight has one (fused_projections' `_w16`): the same arithmetic as
 torch's fused kernel in fp32 (torch mixes in fp64 scalars: the results agree to rounding).
+0.99 ms a step against 1.34 for torch's step and the copy pass (H200, bench/bench_adamw.py).
 The state is torch's AdamW's (exp_avg, exp_avg_sq, a float32 step tensor on the device), so
 checkpoints move freely between the two. Anything else (CPU tensors, amsgrad, GradScaler's
-found_inf, tensor lr, no Triton) runs torch's own step and then refreshes the copies.
+found_inf, tensor lr, addresses not 16-byte aligned, no Triton) runs torch's own step and then
+refreshes the copies.
 """
 
 from __future__ import annotations
