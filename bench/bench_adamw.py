@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--json")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_adamw.py: needs a CUDA GPU")
     rows = [run(kind, args.steps) for kind in ("torch", "adamw16", "torch", "adamw16")]
     diff = (rows[0]["weights"] - rows[1]["weights"]).abs().max().item()  # after 10 steps
     for r in rows:

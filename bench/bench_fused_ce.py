@@ -28,6 +28,8 @@ def ms(fn, n=20):
 
 
 def main():
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_fused_ce.py: needs a CUDA GPU")
     torch.manual_seed(0)
     n, d, v = 16 * 1024, 768, 50176
     h = torch.randn(n, d, device="cuda").bfloat16()

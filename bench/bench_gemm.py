@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--json")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gemm.py: needs a CUDA GPU")
     m, bf = args.tokens, torch.bfloat16
     rows = []
     # (name, N out features, K in features): the Llama block's projections at width 768, and the
