@@ -405,6 +405,10 @@ def main() -> None:
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")
     ap.add_argument("--sync-debug", action="store_true",
                     help="with --profile: count host-GPU synchronisations in those steps, by line")
+    ap.add_argument("--baseline-from", metavar="JSON",
+                    help="the plain loop's row from an earlier run's --out (same data, shape, steps), for "
+                         "settings read once per process (e.g. CUBLAS_WORKSPACE_CONFIG) that the engine's "
+                         "process has and the plain loop's must not")
     ap.add_argument("--out", default="bench/out/train_gpu.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU to check the code")
     args = ap.parse_args()
@@ -503,6 +507,9 @@ def main() -> None:
               "transformers": __import__("transformers").__version__, "shape": shape,
               "batch": args.batch, "seq": args.seq, "steps": args.steps, "world_size": ws,
               "rows": rows}
+    if args.baseline_from and "baseline" not in rows:
+        rows["baseline"] = dict(json.loads(Path(args.baseline_from).read_text())["rows"]["baseline"],
+                                from_file=args.baseline_from)
     if "baseline" in rows:
         base = rows["baseline"]
         for v, r in rows.items():

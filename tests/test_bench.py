@@ -25,7 +25,7 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
          "--variants", "baseline,baseline-causal=causal:1,engine,"
          "engine-blocking=blocking_copy:1+rope_table:0+loss:fused"
          "+inductor:coordinate_descent_tuning/triton.mix_order_reduction=0+clip:unfused+residual:fp32"
-         "+fused_proj:qkv+cat:pointwise+weights:cast",
+         "+fused_proj:qkv+cat:pointwise+weights:cast+adamw:torch",
          "--out", out],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -38,6 +38,18 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
         assert prof["idle_gaps"]["kernels_per_step"] > 0, name
         assert isinstance(prof["idle_gaps"]["memsets_before"], list), name
     assert rows["engine"]["ratio_vs_baseline"] > 0
+    # The engine alone in another process, its ratio against the plain loop's row of the first.
+    out2 = tmp_path / "engine.json"
+    r = subprocess.run(
+        [sys.executable, ROOT / "bench" / "bench_train_gpu.py", "--cpu-smoke", "--seq", "64",
+         "--steps", "12", "--skip", "4", "--tokenizer", workspace / "models" / "tokenizer",
+         "--splits", workspace / "data" / "splits", "--variants", "engine", "--baseline-from", out,
+         "--out", out2], capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads(out2.read_text())["rows"]
+    assert again["baseline"]["tokens_per_s"] == rows["baseline"]["tokens_per_s"]
+    assert again["engine"]["ratio_vs_baseline"] == round(
+        again["engine"]["tokens_per_s"] / rows["baseline"]["tokens_per_s"], 3)
 
 
 def test_gpu_benchmark_runs_the_engine_under_torchrun(workspace, tmp_path):  # noqa: F811
