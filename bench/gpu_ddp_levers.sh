@@ -32,7 +32,7 @@ one_gpu_refs() {  # the 1-GPU references at 16 and 64 x 1024, one on each GPU, a
   wait
 }
 ddp_tests() {
-  timeout ${TEST_TIMEOUT:-220} python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE \
+  timeout ${TEST_TIMEOUT:-330} python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE \
     -k "ddp or fsdp" 2>&1 | tail -n 15 | tee $OUT/pytest_ddp.txt
 }
 if [ "${PART:-a}" = a ]; then
