@@ -512,6 +512,10 @@ def main() -> None:
                                 from_file=args.baseline_from)
     if "baseline" in rows:
         base = rows["baseline"]
+        idle = base.get("profile", {}).get("idle_gaps", {}).get("idle_ms_per_step_over_20us") or 0
+        if idle > 1.0:  # seen on some hosts (RESULTS_GPU.md §1h call 5, §1i call 2)
+            print(f"warning: the plain loop's GPU idled {idle} ms a step waiting for the host: "
+                  "the ratios below flatter the engine; rerun for a clean baseline")
         for v, r in rows.items():
             if v == "baseline":
                 continue
