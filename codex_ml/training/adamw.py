@@ -83,7 +83,8 @@ class AdamW16(torch.optim.AdamW):
     def __init__(self, params, copies: dict | None = None, **kw):
         super().__init__(params, **kw)
         self.copies = copies or {}
-        self._tables = {}  # param group index -> (the addresses it was built from, table, blocks)
+        # param group index -> (the addresses it was built from, table, blocks, number of full blocks)
+        self._tables = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -149,7 +150,8 @@ class AdamW16(torch.optim.AdamW):
             t = torch.repeat_interleave(torch.arange(len(ps)), per)
             start = (torch.arange(int(per.sum())) - first) * BLOCK
             full = start + BLOCK <= n[t]
-            blocks = torch.cat([torch.stack([t, start], 1)[full], torch.stack([t, start], 1)[~full]])
+            pairs = torch.stack([t, start], 1)
+            blocks = torch.cat([pairs[full], pairs[~full]])
             # From pinned memory without blocking: a pageable copy would wait for the GPU.
             dev = ps[0].device
             cached = (addrs, torch.tensor(addrs, dtype=torch.int64).pin_memory().to(dev, non_blocking=True),
