@@ -321,6 +321,9 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     pointwise_cat = overrides.pop("cat", None) == "pointwise"
     bf16_weights = overrides.pop("weights", "bf16") == "bf16"  # cast: autocast casts them each step
     fused_adamw = overrides.pop("adamw", "triton") == "triton"  # torch: torch's fused AdamW + copy pass
+    # default: torch's cuBLAS workspace (this process's first variant must be this one to tell)
+    no_workspace = overrides.pop("cublas_workspace", "none") == "none"
+    ce_reverse = overrides.pop("ce_pass", "reverse") == "reverse"  # forward: the loss kernel's old order
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
@@ -344,6 +347,8 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     changes.enter_context(mock.patch.object(engine, "FUSED_PROJ", "" if fused_proj == "0" else fused_proj))
     changes.enter_context(mock.patch.object(engine, "BF16_WEIGHTS", bf16_weights))
     changes.enter_context(mock.patch.object(engine, "FUSED_ADAMW", fused_adamw))
+    changes.enter_context(mock.patch.object(engine, "CUBLAS_NO_WORKSPACE", no_workspace))
+    changes.enter_context(mock.patch.object(engine.fused_ce, "ROWS_REVERSE", ce_reverse))
     if pointwise_cat:  # ablation: inductor's own lowering of the fused projections' backward cat
         changes.enter_context(mock.patch.object(engine, "wide_cat_slices",
                                                 lambda on: contextlib.nullcontext()))
@@ -399,7 +404,8 @@ def main() -> None:
                          "the given train.* keys overridden; also float8:tensorwise|rowwise with "
                          "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, bucket_view:0 (DDP), "
                          "inductor:SETTING/SETTING, blas:cublaslt, clip:unfused, residual:fp32, fused_proj:0|qkv, "
-                         "cat:pointwise, weights:cast, adamw:torch), "
+                         "cat:pointwise, weights:cast, adamw:torch, cublas_workspace:default, "
+                         "ce_pass:forward), "
                          "e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")
@@ -410,6 +416,10 @@ def main() -> None:
                          "settings read once per process (e.g. CUBLAS_WORKSPACE_CONFIG) that the engine's "
                          "process has and the plain loop's must not")
     ap.add_argument("--out", default="bench/out/train_gpu.json")
+    ap.add_argument("--one-process", action="store_true",
+                    help="run every variant in this process; by default each runs in a process of its own "
+                         "(settings torch reads once per process, like cuBLAS's workspace, and compile "
+                         "caches are then the variant's own)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU to check the code")
     args = ap.parse_args()
     if os.environ.get("BENCH_STACKS"):  # a run that seems stuck shows where, every N seconds
@@ -427,6 +437,10 @@ def main() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if rank:
             sys.stdout = open(os.devnull, "w")
+    specs = args.variants.split(",")
+    if len(specs) > 1 and ws == 1 and not args.one_process:
+        finish(each_in_own_process(specs, args), args, rank)
+        return
     shape = dict(n_layers=12, hidden_size=768, n_heads=12, n_kv_heads=12, intermediate_size=2048,
                  context_length=args.seq)
     if args.cpu_smoke:
@@ -443,7 +457,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows = {}
-    for spec in args.variants.split(","):
+    for spec in specs:
         v, _, kv = spec.partition("=")
         overrides = dict(item.split(":", 1) for item in kv.split("+") if item)
         if ws > 1 and v.startswith("baseline"):
@@ -477,7 +491,7 @@ def main() -> None:
             continue
         step_s = steady(r["step_times"], args.skip)
         tps = args.batch * args.seq * ws / step_s
-        r.update(variant=v, overrides=overrides, wall_s=round(time.perf_counter() - t0, 1),
+        r.update(variant=v, overrides=overrides, pid=os.getpid(), wall_s=round(time.perf_counter() - t0, 1),
                  tokens_per_s=round(tps),
                  mfu=round(tps / ws * fpt / H100_BF16_PEAK, 4), flops_per_token=fpt,
                  params=sum(p.numel() for p in model.parameters()),
@@ -507,6 +521,35 @@ def main() -> None:
               "transformers": __import__("transformers").__version__, "shape": shape,
               "batch": args.batch, "seq": args.seq, "steps": args.steps, "world_size": ws,
               "rows": rows}
+    finish(report, args, rank)
+
+
+def each_in_own_process(specs: list[str], args) -> dict:
+    """Runs this script once per variant (the same arguments, that variant alone) and merges
+    their reports' rows in order; a variant whose process fails is reported and skipped."""
+    import subprocess
+
+    report: dict = {"rows": {}}
+    for i, spec in enumerate(specs):
+        part = Path(f"{args.out}.part{i}")
+        part.unlink(missing_ok=True)
+        # argparse keeps an option's last value: these override the parent's.
+        rc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variants", spec, "--out", part,
+                             "--baseline-from", "", "--one-process"]).returncode
+        if not part.exists():
+            print(f"{spec.partition('=')[0]}: FAILED its process exited {rc} without a report", flush=True)
+            continue
+        child = json.loads(part.read_text())
+        part.unlink()
+        report = {**child, "rows": {**report["rows"], **child["rows"]}}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"partial": True, "rows": report["rows"]}, default=str))
+    return report
+
+
+def finish(report: dict, args, rank: int) -> None:
+    """The ratios to the plain loop (this run's, or --baseline-from's) and the report file."""
+    rows, steps = report["rows"], report.get("steps", args.steps)  # --cpu-smoke caps the steps
     if args.baseline_from and "baseline" not in rows:
         rows["baseline"] = dict(json.loads(Path(args.baseline_from).read_text())["rows"]["baseline"],
                                 from_file=args.baseline_from)
@@ -522,11 +565,11 @@ def main() -> None:
             r["ratio_vs_baseline"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
             # Loss curves: mean absolute gap over the second half of training, on logged steps.
             b = dict(base["losses"])
-            common = [(s, loss, b[s]) for s, loss in r["losses"] if s in b and s > args.steps // 2]
+            common = [(s, loss, b[s]) for s, loss in r["losses"] if s in b and s > steps // 2]
             gap = statistics.mean(abs(a - c) for _, a, c in common) if common else float("nan")
             r["loss_gap_second_half"] = round(gap, 4)
             print(f"{v}: {r['ratio_vs_baseline']:.2f}x baseline; mean |loss gap| over steps "
-                  f"{args.steps // 2}-{args.steps}: {gap:.3f} (final {r['losses'][-1][1]:.3f} vs "
+                  f"{steps // 2}-{steps}: {gap:.3f} (final {r['losses'][-1][1]:.3f} vs "
                   f"{base['losses'][-1][1]:.3f})")
     if rank == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

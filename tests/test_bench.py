@@ -38,6 +38,7 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
         assert prof["idle_gaps"]["kernels_per_step"] > 0, name
         assert isinstance(prof["idle_gaps"]["memsets_before"], list), name
     assert rows["engine"]["ratio_vs_baseline"] > 0
+    assert len({row["pid"] for row in rows.values()}) == 4  # each variant in a process of its own
     # The engine alone in another process, its ratio against the plain loop's row of the first.
     out2 = tmp_path / "engine.json"
     r = subprocess.run(

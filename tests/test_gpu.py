@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -101,11 +102,28 @@ def test_adamw16_kernel_steps_like_torch_fused_adamw_and_writes_the_bf16_copies(
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_ce_kernel_matches_the_torch_path():
+def test_cublas_goes_without_a_workspace_only_under_cuda_graphs_on_hopper(monkeypatch):
+    """The setting the engine makes for graph-replayed steps (its memsets are graph nodes with
+    gaps); never without graphs, never over the user's own value."""
+    for k in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert not engine.cublas_without_workspace("default")
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert engine.cublas_without_workspace("reduce-overhead") == hopper
+    assert os.environ.get("CUBLASLT_WORKSPACE_SIZE") == ("0" if hopper else None)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # e.g. for deterministic algorithms
+    assert not engine.cublas_without_workspace("reduce-overhead")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_ce_kernel_matches_the_torch_path(monkeypatch, reverse):
     """The Triton kernel (online softmax, gradient written over the logits in place) against the
     op's torch path, bf16 matmuls as in training: a vocab that is no power of two, ignored rows."""
     from codex_ml.training import fused_ce
 
+    monkeypatch.setattr(fused_ce, "ROWS_REVERSE", reverse)  # the second pass's order
     torch.manual_seed(0)
     h = torch.randn(600, 64, device="cuda").bfloat16()
     w = (torch.randn(50_001, 64, device="cuda") * 0.3).bfloat16()

@@ -476,6 +476,27 @@ BF16_WEIGHTS = True
 # (adamw.AdamW16) instead of torch's fused AdamW and a copy pass: the optimizer 1.46 -> 1.16 ms a
 # step, +0.5-0.8% tokens/s. The benchmark's adamw:torch ablation.
 FUSED_ADAMW = True
+# Session 13: cuBLAS without a workspace under CUDA graphs. With one, cuBLAS runs its cooperative
+# GEMMs with a dynamic tile scheduler whose counter it zeroes first: 148 memsets a step at
+# 16 x 1024, each a graph node with its gap (session 12: wall 30.41 -> 30.00 ms without them, the
+# same tiles). Without graphs the same setting made the plain loop's host slower per matmul
+# (10.8 ms a step idle), so only graph-replayed runs take it; and only on Hopper (sm_90), where it
+# was measured. The benchmark's cublas_workspace:default ablation (in its own process: torch reads
+# the setting once).
+CUBLAS_NO_WORKSPACE = True
+
+
+def cublas_without_workspace(compile_mode: str | None) -> bool:
+    """Ask torch for cuBLAS handles without a workspace when this process's steps replay as CUDA
+    graphs; effective only before the process's first cuBLAS call (torch reads the variables
+    once), and never over the user's own settings. True when the variables now say so."""
+    if not (CUBLAS_NO_WORKSPACE and torch.cuda.is_available()
+            and compile_mode in ("reduce-overhead", "max-autotune")
+            and torch.cuda.get_device_capability()[0] == 9):
+        return False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "0")
+    return (os.environ["CUBLAS_WORKSPACE_CONFIG"], os.environ["CUBLASLT_WORKSPACE_SIZE"]) == (":0:0", "0")
 
 
 @contextlib.contextmanager
@@ -670,6 +691,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
                     "fused cross-entropy on this torch)")
         compiled = False
     compile_mode = resolve_compile_mode(t) if compiled else None
+    cublas_without_workspace(compile_mode)
     loss = resolve_loss(t.loss, model, t, fused)
     args = training_args(t, out_dir, seed, eval_batch, precision, compiled, max_steps, fused=fused,
                          wrap=wrap, compile_mode=compile_mode or "default")
