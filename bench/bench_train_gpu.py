@@ -323,7 +323,11 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     fused_adamw = overrides.pop("adamw", "triton") == "triton"  # torch: torch's fused AdamW + copy pass
     # default: torch's cuBLAS workspace (this process's first variant must be this one to tell)
     no_workspace = overrides.pop("cublas_workspace", "none") == "none"
-    ce_reverse = overrides.pop("ce_pass", "reverse") == "reverse"  # forward: the loss kernel's old order
+    # BLOCK/warps/reverse(0|1) of the loss's row kernel, e.g. 8192/16/0 (sessions 7-12)
+    ce_rows = engine.fused_ce.ROWS
+    if "ce_rows" in overrides:
+        block, warps, reverse = map(int, overrides.pop("ce_rows").split("/"))
+        ce_rows = (block, warps, bool(reverse))
     t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
                      max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
                      eval_batches=1, **overrides)
@@ -348,7 +352,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     changes.enter_context(mock.patch.object(engine, "BF16_WEIGHTS", bf16_weights))
     changes.enter_context(mock.patch.object(engine, "FUSED_ADAMW", fused_adamw))
     changes.enter_context(mock.patch.object(engine, "CUBLAS_NO_WORKSPACE", no_workspace))
-    changes.enter_context(mock.patch.object(engine.fused_ce, "ROWS_REVERSE", ce_reverse))
+    changes.enter_context(mock.patch.object(engine.fused_ce, "ROWS", ce_rows))
     if pointwise_cat:  # ablation: inductor's own lowering of the fused projections' backward cat
         changes.enter_context(mock.patch.object(engine, "wide_cat_slices",
                                                 lambda on: contextlib.nullcontext()))
@@ -405,7 +409,7 @@ def main() -> None:
                          "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, bucket_view:0 (DDP), "
                          "inductor:SETTING/SETTING, blas:cublaslt, clip:unfused, residual:fp32, fused_proj:0|qkv, "
                          "cat:pointwise, weights:cast, adamw:torch, cublas_workspace:default, "
-                         "ce_pass:forward), "
+                         "ce_rows:BLOCK/WARPS/REVERSE), "
                          "e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")

@@ -2,14 +2,14 @@
 # One H200: the engine against the plain compiled loop with a GPU kernel profile of 5 steps each
 # (time by kernel kind, the GPU's busy share, host syncs), and the levers being measured
 # (VARIANTS overrides the list, see bench_train_gpu.py --variants; BATCH the per-step batch, default
-# 16; TAG names this run's output files, to keep several runs of one call apart).
+# 16; SKIP, PROFILE: steps before the timed and profiled ones, steps profiled; TAG names this run's output files, to keep several runs of one call apart).
 set -uo pipefail
 source bench/gpu_common.sh
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -n 1; } | tee $OUT/gpu.txt
 timeout ${BENCH_TIMEOUT:-540} python3 bench/bench_train_gpu.py \
-  --tokenizer $DATA/tokenizer --splits $DATA/splits --steps ${STEPS:-200} --batch ${BATCH:-16} --skip 50 --profile 5 --sync-debug \
+  --tokenizer $DATA/tokenizer --splits $DATA/splits --steps ${STEPS:-200} --batch ${BATCH:-16} --skip ${SKIP:-50} --profile ${PROFILE:-5} --sync-debug \
   --variants "${VARIANTS:-baseline,engine,engine-blocking=blocking_copy:1,engine-fp8=float8:tensorwise,engine-fp8-body=float8:tensorwise+float8_skip:lm_head,engine-fp8-row=float8:rowwise}" \
   --out $OUT/bench_train_gpu${TAG:-}.json > $OUT/bench_full${TAG:-}.txt 2>&1
 grep -E "tok/s|x baseline|profile|data:|FAILED|Traceback|Error|wrote|warning: the plain" $OUT/bench_full${TAG:-}.txt | tee $OUT/bench${TAG:-}.txt
