@@ -324,13 +324,14 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     # default: torch's cuBLAS workspace (this process's first variant must be this one to tell)
     no_workspace = overrides.pop("cublas_workspace", "none") == "none"
     # BLOCK/warps/reverse(0|1) of the loss's row kernel, e.g. 8192/16/0 (sessions 7-12)
+    deferred_logs = overrides.pop("log_sync", "0") == "0"  # 1: the Trainer reads the loss at each log
     ce_rows = engine.fused_ce.ROWS
     if "ce_rows" in overrides:
         block, warps, reverse = map(int, overrides.pop("ce_rows").split("/"))
         ce_rows = (block, warps, bool(reverse))
-    t = params.Train(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
-                     max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
-                     eval_batches=1, **overrides)
+    t = params.Train(**{**dict(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
+                               max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
+                               eval_batches=1), **overrides})  # e.g. engine-log50=log_every:50
     # Everything this variant changes, undone when it ends (the next variant runs in this process).
     changes = contextlib.ExitStack()
     changes.enter_context(torch._inductor.config.patch(inductor))
@@ -353,6 +354,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     changes.enter_context(mock.patch.object(engine, "FUSED_ADAMW", fused_adamw))
     changes.enter_context(mock.patch.object(engine, "CUBLAS_NO_WORKSPACE", no_workspace))
     changes.enter_context(mock.patch.object(engine.fused_ce, "ROWS", ce_rows))
+    changes.enter_context(mock.patch.object(engine, "DEFERRED_LOGS", deferred_logs))
     if pointwise_cat:  # ablation: inductor's own lowering of the fused projections' backward cat
         changes.enter_context(mock.patch.object(engine, "wide_cat_slices",
                                                 lambda on: contextlib.nullcontext()))
@@ -409,7 +411,7 @@ def main() -> None:
                          "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, bucket_view:0 (DDP), "
                          "inductor:SETTING/SETTING, blas:cublaslt, clip:unfused, residual:fp32, fused_proj:0|qkv, "
                          "cat:pointwise, weights:cast, adamw:torch, cublas_workspace:default, "
-                         "ce_rows:BLOCK/WARPS/REVERSE), "
+                         "ce_rows:BLOCK/WARPS/REVERSE, log_sync:1), "
                          "e.g. engine-model-loss=loss:model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")

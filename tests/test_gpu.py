@@ -174,8 +174,9 @@ def test_attention_backends_agree(workspace, tmp_path):
 
 
 def test_engine_steps_never_wait_for_the_gpu(workspace, tmp_path):
-    """No host-GPU sync inside a training step between logging steps: accelerate's blocking batch
-    copy was one (1.6 per step at GPT-2-small shape, 6% of the throughput on an H200)."""
+    """No host-GPU sync in training steps, a logging step among them: accelerate's blocking batch
+    copy was one (1.6 per step at GPT-2-small shape, 6% of the throughput on an H200), the
+    Trainer's reads of the loss and gradient norm at each log two more (engine.DeferredLogs)."""
     import traceback
     import warnings
     from pathlib import Path
@@ -185,9 +186,9 @@ def test_engine_steps_never_wait_for_the_gpu(workspace, tmp_path):
     # Not "synchroniz": turning the mode on warns "Synchronization debug mode is a prototype".
     SYNC_WARNING = "called a synchronizing CUDA operation"
 
-    class Watch(TrainerCallback):  # steps 6-9: clear of the log at steps 5 and 10
+    class Watch(TrainerCallback):  # steps 2-9: the log at step 5, not the last step's evaluation
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == 5:
+            if state.global_step == 1:
                 torch.cuda.set_sync_debug_mode("warn")
 
         def on_step_end(self, args, state, control, **kw):
@@ -209,8 +210,9 @@ def test_engine_steps_never_wait_for_the_gpu(workspace, tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("always", message=SYNC_WARNING)
         warnings.showwarning = show
-        engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path, callbacks=[Watch()])
+        trainer, _ = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path, callbacks=[Watch()])
     assert not syncs, syncs
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 5, 10]
 
 
 ATTENTION_KERNELS = {  # how each SDPA backend's CUDA kernels are named (cuDNN's say "flash" too)

@@ -845,3 +845,57 @@ def test_bf16_training_keeps_the_residual_stream_in_bf16(workspace, tmp_path, mo
     model(input_ids=tr[:1])
     hook.remove()
     assert seen == [torch.float32]
+
+
+def test_deferred_logs_give_the_trainers_own_history_with_evals_and_checkpoints(workspace, tmp_path,
+                                                                              monkeypatch):
+    """Logs whose loss copy lands only some steps later (as on a GPU with the host ahead) make the
+    same history as the Trainer's own reads: the same losses, norms and learning rates at the same
+    steps, each train log before the evaluation of its step, and every log in the checkpoints'
+    trainer_state.json; the checkpoint of a run with deferred logs resumes."""
+    from codex_ml import modeling
+
+    class Lagging:  # a copy that lands after three more queries, or when waited for
+        def __init__(self):
+            self.left = 3
+
+        def query(self):
+            self.left -= 1
+            return self.left < 0
+
+        def synchronize(self):
+            self.left = 0
+
+    monkeypatch.setattr(engine.DeferredLogs, "devices", ("cpu",))
+    monkeypatch.setattr(engine.DeferredLogs, "event", lambda self, device: Lagging())
+    late, emit = [], engine.DeferredLogs.emit
+
+    def recorded(self, vals, meta, start_time=None):
+        late.append(self.trainer.state.global_step - meta["step"])
+        return emit(self, vals, meta, start_time)
+    monkeypatch.setattr(engine.DeferredLogs, "emit", recorded)
+    p = params(train=dict(max_steps=23, save_every=10, eval_every=10, log_every=2))
+    tok, tr, va = tiny_blocks(workspace)
+    runs = {}
+    for deferred in (False, True):
+        monkeypatch.setattr(engine, "DEFERRED_LOGS", deferred)
+        torch.manual_seed(p.seed)
+        model = modeling.build(p.model, tok, 32)
+        trainer, res = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path / str(deferred))
+        assert isinstance(trainer._maybe_log_save_evaluate, engine.DeferredLogs) is deferred
+        hist = [{k: v for k, v in h.items() if k != "tokens_per_s" and not k.endswith(("runtime", "per_second"))}
+                for h in trainer.state.log_history]
+        saved = json.loads((tmp_path / str(deferred) / "checkpoint-20" / "trainer_state.json").read_text())
+        runs[deferred] = hist, saved["log_history"], res
+    (hist, saved, res), (hist2, saved2, res2) = runs[False], runs[True]
+    assert [h["step"] for h in hist if "loss" in h] == [1, *range(2, 23, 2)]
+    assert hist2 == hist and max(late) >= 2 and 0 in late  # made later, and at once at evals
+    assert [h["step"] for h in saved2] == [h["step"] for h in saved] and saved2[-2]["step"] == 20
+    assert res2.final_train_loss == res.final_train_loss and res2.best_val_loss == res.best_val_loss
+    assert all(h.get("tokens_per_s", 1) > 0 for h in runs[True][0])
+    # Resuming the deferred run's checkpoint at step 20 trains on to 23 with the same history.
+    torch.manual_seed(p.seed)
+    model = modeling.build(p.model, tok, 32)
+    trainer, _ = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path / "resumed",
+                              resume_from=tmp_path / "True" / "checkpoint-20")
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h][-2:] == [20, 22]

@@ -331,6 +331,81 @@ class TimeBudget(TrainerCallback):
             control.should_training_stop = control.should_evaluate = control.should_save = True
 
 
+# Session 13: the Trainer reads the loss and the gradient norm with .item() at each log, so every
+# log_every steps the host waits for the GPU to drain, then the GPU waits for the host to start
+# the next step (~3 ms at 16 x 1024 on an H200, 0.3 ms a step at log_every 10) and the host's
+# lead, which hides its hiccups, starts from nothing. The benchmark's log_sync:1 ablation.
+DEFERRED_LOGS = True
+
+
+class DeferredLogs:
+    """Stands in for `trainer._maybe_log_save_evaluate`: a log step's loss and gradient norm are
+    copied to pinned host memory without waiting (stream-ordered, before the loss sum is zeroed),
+    and the log is made, with its own step and epoch, at the first later step whose copy has
+    landed; every pending log is made, in order, before an evaluation, a checkpoint, or the end
+    of the epoch or of training, so the history reads as the Trainer's own. CUDA tensors only:
+    elsewhere reading them costs nothing and the Trainer's own method runs as before."""
+
+    devices = ("cuda",)  # where the loss lives for logs to be deferred
+
+    def __init__(self, trainer):
+        self.trainer, self.own = trainer, trainer._maybe_log_save_evaluate
+        self.pending: list[tuple] = []
+        trainer._maybe_log_save_evaluate = self
+
+    def event(self, device: torch.device):
+        """Something whose query() says the copies queued so far have landed."""
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(device))
+        return ev
+
+    def __call__(self, tr_loss, grad_norm, *args, **kw):
+        # transformers 5.x's gather (4.x had a Trainer method): without it, the Trainer's own logs.
+        from transformers import trainer_pt_utils
+
+        tr, c = self.trainer, self.trainer.control
+        st = tr.state
+        gather = getattr(trainer_pt_utils, "nested_gather", None)
+        if (c.should_log and st.global_step > tr._globalstep_last_logged and gather
+                and tr_loss.device.type in self.devices):
+            vals = [gather(tr_loss, tr.args.parallel_mode).mean()]
+            if isinstance(grad_norm, torch.Tensor):
+                vals.append(grad_norm.float())
+            host = torch.empty(len(vals), pin_memory=tr_loss.is_cuda)
+            host.copy_(torch.stack(vals).detach(), non_blocking=True)
+            lr = kw.get("learning_rate")
+            meta = dict(step=st.global_step, epoch=st.epoch, steps=st.global_step - tr._globalstep_last_logged,
+                        grad_norm=None if isinstance(grad_norm, torch.Tensor) else grad_norm,
+                        learning_rate=lr if lr is not None else tr._get_learning_rate())
+            self.pending.append((host, self.event(tr_loss.device), meta))
+            tr_loss -= tr_loss
+            tr._globalstep_last_logged = st.global_step
+            tr.store_flos()
+            c.should_log = False
+        flush = c.should_evaluate or c.should_save or c.should_training_stop or c.should_epoch_stop
+        while self.pending and (flush or self.pending[0][1].query()):
+            host, ev, meta = self.pending.pop(0)
+            ev.synchronize()
+            self.emit(host.tolist(), meta, kw.get("start_time", args[4] if len(args) > 4 else None))
+        return self.own(tr_loss, grad_norm, *args, **kw)
+
+    def emit(self, vals: list, meta: dict, start_time=None):
+        """The Trainer's log, as it would have made it at meta's step."""
+        tr, st = self.trainer, self.trainer.state
+        logs = {"loss": vals[0] / meta["steps"]}
+        grad_norm = vals[1] if len(vals) > 1 else meta["grad_norm"]
+        if grad_norm is not None:
+            logs["grad_norm"] = grad_norm
+        logs["learning_rate"] = meta["learning_rate"]
+        tr._total_loss_scalar += vals[0]
+        now = st.global_step, st.epoch
+        st.global_step, st.epoch = meta["step"], meta["epoch"]
+        try:
+            tr.log(logs, start_time)
+        finally:
+            st.global_step, st.epoch = now
+
+
 class FinalEvalSave(TrainerCallback):
     """Evaluate and checkpoint at the last step too: the card reports the final weights' val loss,
     and a rerun after a crash while writing the output resumes at the end instead of redoing it."""
@@ -713,6 +788,8 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_blocks),
                       eval_dataset=Blocks(val_blocks), callbacks=cbs)
     clip_in_optimizer(trainer, t, precision)
+    if DEFERRED_LOGS:
+        DeferredLogs(trainer)
     if ws > 1 and not sharded(t):
         # accelerate wraps the model in DDP with these settings, then registers the hook.
         trainer.accelerator.ddp_handler = ddp_handler(trainer.accelerator.ddp_handler, t)
