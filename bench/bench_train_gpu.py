@@ -323,8 +323,8 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     fused_adamw = overrides.pop("adamw", "triton") == "triton"  # torch: torch's fused AdamW + copy pass
     # default: torch's cuBLAS workspace (this process's first variant must be this one to tell)
     no_workspace = overrides.pop("cublas_workspace", "none") == "none"
-    # BLOCK/warps/reverse(0|1) of the loss's row kernel, e.g. 8192/16/0 (sessions 7-12)
     deferred_logs = overrides.pop("log_sync", "0") == "0"  # 1: the Trainer reads the loss at each log
+    # BLOCK/warps/reverse(0|1) of the loss's row kernel, e.g. 8192/16/0 (sessions 7-12)
     ce_rows = engine.fused_ce.ROWS
     if "ce_rows" in overrides:
         block, warps, reverse = map(int, overrides.pop("ce_rows").split("/"))
