@@ -244,6 +244,9 @@ class Throughput(TrainerCallback):
     def __init__(self, tokens_per_step: int, live=None):
         self.tokens_per_step, self.live = tokens_per_step, live
         self.t0 = self.step0 = None
+        # The GPU's time since the previous log, from DeferredLogs: the host's clock at a deferred
+        # log tells when its copy was noticed, not when its step ended.
+        self.gpu_seconds: float | None = None
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0, self.step0 = time.perf_counter(), state.global_step
@@ -252,8 +255,10 @@ class Throughput(TrainerCallback):
         if logs is not None and "loss" in logs and self.t0 is not None:
             now = time.perf_counter()
             steps = state.global_step - self.step0
+            seconds = self.gpu_seconds if self.gpu_seconds is not None else now - self.t0
+            self.gpu_seconds = None
             if steps > 0:
-                logs["tokens_per_s"] = round(steps * self.tokens_per_step / (now - self.t0), 1)
+                logs["tokens_per_s"] = round(steps * self.tokens_per_step / seconds, 1)
                 # The Trainer appended a copy of `logs` before calling us; keep the rate in the
                 # history too (checkpoints' trainer_state.json, the steady rate in Result).
                 state.log_history[-1]["tokens_per_s"] = logs["tokens_per_s"]
@@ -348,14 +353,16 @@ class DeferredLogs:
 
     devices = ("cuda",)  # where the loss lives for logs to be deferred
 
-    def __init__(self, trainer):
-        self.trainer, self.own = trainer, trainer._maybe_log_save_evaluate
+    def __init__(self, trainer, throughput: Throughput | None = None):
+        self.trainer, self.own, self.throughput = trainer, trainer._maybe_log_save_evaluate, throughput
         self.pending: list[tuple] = []
+        self.last = None  # the previous log's event, while only training ran since
         trainer._maybe_log_save_evaluate = self
 
     def event(self, device: torch.device):
-        """Something whose query() says the copies queued so far have landed."""
-        ev = torch.cuda.Event()
+        """Something whose query() says the copies queued so far have landed, and whose
+        elapsed_time(later) is the GPU's milliseconds between the two."""
+        ev = torch.cuda.Event(enable_timing=True)
         ev.record(torch.cuda.current_stream(device))
         return ev
 
@@ -386,7 +393,12 @@ class DeferredLogs:
         while self.pending and (flush or self.pending[0][1].query()):
             host, ev, meta = self.pending.pop(0)
             ev.synchronize()
+            if self.throughput is not None and self.last is not None:
+                self.throughput.gpu_seconds = self.last.elapsed_time(ev) / 1e3
+            self.last = ev
             self.emit(host.tolist(), meta, kw.get("start_time", args[4] if len(args) > 4 else None))
+        if c.should_evaluate or c.should_save:  # not training time: the next log times itself
+            self.last = None
         return self.own(tr_loss, grad_norm, *args, **kw)
 
     def emit(self, vals: list, meta: dict, start_time=None):
@@ -772,8 +784,8 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
                          wrap=wrap, compile_mode=compile_mode or "default")
     tokens_per_step = per_step * t.block_size
 
-    cbs = [FinalEvalSave(), checkpoints.Keeper(fingerprint, t.keep_checkpoints),
-           Throughput(tokens_per_step, live)]
+    throughput = Throughput(tokens_per_step, live)
+    cbs = [FinalEvalSave(), checkpoints.Keeper(fingerprint, t.keep_checkpoints), throughput]
     if precision == "bf16":
         cbs.append(LowPrecisionOutputs())
     if compile_mode in ("reduce-overhead", "max-autotune"):
@@ -791,7 +803,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     # Not under FSDP: its GPU test failed with them (session 13, the error not captured); FSDP
     # steps have no CUDA graphs to keep fed anyway.
     if DEFERRED_LOGS and not sharded(t):
-        DeferredLogs(trainer)
+        DeferredLogs(trainer, throughput)
     if ws > 1 and not sharded(t):
         # accelerate wraps the model in DDP with these settings, then registers the hook.
         trainer.accelerator.ddp_handler = ddp_handler(trainer.accelerator.ddp_handler, t)
