@@ -22,6 +22,10 @@
 # Session 12:
 #   PART=g: the DDP and FSDP GPU tests first (AdamW16 the optimizer now), then the 1-GPU references
 #           and 2 GPUs at 64 x 1024 each.
+# Session 13 (for the next session: DDP lost its 1.9x when one GPU got faster):
+#   PART=h: the engine under torchrun at 64 x 1024 per GPU, its profile spanning a log step, with
+#           the host syncs counted (does the DDP step still stop the host?), then the 1-GPU
+#           reference and 2 GPUs at 64 x 1024 (the stage; ~8 minutes in all).
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
@@ -43,6 +47,13 @@ if [ "${PART:-a}" = a ]; then
 elif [ "$PART" = g ]; then
   ddp_tests
   one_gpu_refs
+  RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
+elif [ "$PART" = h ]; then
+  timeout 240 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
+    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --splits $DATA/splits --steps 100 --batch 64 \
+    --skip 45 --profile 10 --sync-debug --variants engine --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1
+  grep -E "tok/s|profile|FAILED|Error" $OUT/bench_ddp_full.txt | tee $OUT/bench_ddp.txt
+  RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b64 1 ddp 150 64
   RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
 elif [ "$PART" = e ] || [ "$PART" = f ]; then
   one_gpu_refs
