@@ -25,7 +25,8 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
          "--variants", "baseline,baseline-causal=causal:1,engine,"
          "engine-blocking=blocking_copy:1+rope_table:0+loss:fused"
          "+inductor:coordinate_descent_tuning/triton.mix_order_reduction=0+clip:unfused+residual:fp32"
-         "+fused_proj:qkv+cat:pointwise+weights:cast+adamw:torch+cublas_workspace:default+ce_rows:8192/16/0+log_sync:1",
+         "+fused_proj:qkv+cat:pointwise+weights:cast+adamw:torch+cublas_workspace:default"
+         "+ce_rows:8192/16/0+log_sync:1",
          "--out", out],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

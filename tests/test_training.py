@@ -870,7 +870,8 @@ def test_deferred_logs_give_the_trainers_own_history_with_evals_and_checkpoints(
             self.left = 0
 
     monkeypatch.setattr(engine.DeferredLogs, "devices", ("cpu",))
-    monkeypatch.setattr(engine.DeferredLogs, "event", lambda self, device: Lagging(self.trainer.state.global_step))
+    monkeypatch.setattr(engine.DeferredLogs, "event",
+                        lambda self, device: Lagging(self.trainer.state.global_step))
     late, emit = [], engine.DeferredLogs.emit
 
     def recorded(self, vals, meta, start_time=None):
@@ -886,8 +887,8 @@ def test_deferred_logs_give_the_trainers_own_history_with_evals_and_checkpoints(
         model = modeling.build(p.model, tok, 32)
         trainer, res = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path / str(deferred))
         assert isinstance(trainer._maybe_log_save_evaluate, engine.DeferredLogs) is deferred
-        hist = [{k: v for k, v in h.items() if k != "tokens_per_s" and not k.endswith(("runtime", "per_second"))}
-                for h in trainer.state.log_history]
+        timing = ("tokens_per_s", "runtime", "per_second")
+        hist = [{k: v for k, v in h.items() if not k.endswith(timing)} for h in trainer.state.log_history]
         saved = json.loads((tmp_path / str(deferred) / "checkpoint-20" / "trainer_state.json").read_text())
         runs[deferred] = hist, saved["log_history"], res, trainer.state.log_history
     (hist, saved, res, _), (hist2, saved2, res2, raw) = runs[False], runs[True]

@@ -381,7 +381,8 @@ class DeferredLogs:
             host = torch.empty(len(vals), pin_memory=tr_loss.is_cuda)
             host.copy_(torch.stack(vals).detach(), non_blocking=True)
             lr = kw.get("learning_rate")
-            meta = dict(step=st.global_step, epoch=st.epoch, steps=st.global_step - tr._globalstep_last_logged,
+            meta = dict(step=st.global_step, epoch=st.epoch,
+                        steps=st.global_step - tr._globalstep_last_logged,
                         grad_norm=None if isinstance(grad_norm, torch.Tensor) else grad_norm,
                         learning_rate=lr if lr is not None else tr._get_learning_rate())
             self.pending.append((host, self.event(tr_loss.device), meta))
