@@ -354,6 +354,10 @@ class DeferredLogs:
     devices = ("cuda",)  # where the loss lives for logs to be deferred
 
     def __init__(self, trainer, throughput: Throughput | None = None):
+        # transformers 5.x's gather (4.x had a Trainer method): without it, the Trainer's own logs.
+        from transformers import trainer_pt_utils
+
+        self.gather = getattr(trainer_pt_utils, "nested_gather", None)
         self.trainer, self.own, self.throughput = trainer, trainer._maybe_log_save_evaluate, throughput
         self.pending: list[tuple] = []
         self.last = None  # the previous log's event, while only training ran since
@@ -367,15 +371,11 @@ class DeferredLogs:
         return ev
 
     def __call__(self, tr_loss, grad_norm, *args, **kw):
-        # transformers 5.x's gather (4.x had a Trainer method): without it, the Trainer's own logs.
-        from transformers import trainer_pt_utils
-
         tr, c = self.trainer, self.trainer.control
         st = tr.state
-        gather = getattr(trainer_pt_utils, "nested_gather", None)
-        if (c.should_log and st.global_step > tr._globalstep_last_logged and gather
+        if (c.should_log and st.global_step > tr._globalstep_last_logged and self.gather
                 and tr_loss.device.type in self.devices):
-            vals = [gather(tr_loss, tr.args.parallel_mode).mean()]
+            vals = [self.gather(tr_loss, tr.args.parallel_mode).mean()]
             if isinstance(grad_norm, torch.Tensor):
                 vals.append(grad_norm.float())
             host = torch.empty(len(vals), pin_memory=tr_loss.is_cuda)
