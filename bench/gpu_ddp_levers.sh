@@ -26,6 +26,11 @@
 #   PART=h: the engine under torchrun at 64 x 1024 per GPU, its profile spanning a log step, with
 #           the host syncs counted (does the DDP step still stop the host?), then the 1-GPU
 #           reference and 2 GPUs at 64 x 1024 (the stage; ~8 minutes in all).
+# Session 14 (two GPUs stayed at 1.07-1.09M tokens/s from session 9 on while one GPU alone got 4%
+# faster; a single GPU run beside another run was ~3.5% slower than alone):
+#   PART=i: the stage at 64 x 1024 on GPU 0 alone, on GPU 1 alone, on both at once (two separate
+#           runs), then DDP on both, with nvidia-smi's clocks, power, temperature and clock event
+#           reasons logged every 500 ms (smi.csv; marks.txt says which run was when).
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
@@ -55,6 +60,24 @@ elif [ "$PART" = h ]; then
   grep -E "tok/s|profile|FAILED|Error" $OUT/bench_ddp_full.txt | tee $OUT/bench_ddp.txt
   RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b64 1 ddp 150 64
   RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
+elif [ "$PART" = i ]; then
+  q=timestamp,index,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,temperature.memory,utilization.gpu
+  for r in clocks_event_reasons.active clocks_throttle_reasons.active ""; do
+    nvidia-smi --query-gpu=$q${r:+,$r} --format=csv -c 1 >/dev/null 2>&1 && { q=$q${r:+,$r}; break; }
+  done
+  nvidia-smi -q -d POWER,CLOCK,PERFORMANCE > $OUT/smi_q.txt 2>&1
+  nvidia-smi --query-gpu=$q --format=csv -lms 500 > $OUT/smi.csv 2>&1 &
+  smi=$!
+  mark() { echo "$(date +%T.%N | cut -c1-12) $*" | tee -a $OUT/marks.txt; }
+  mark g1_gpu0; RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b64_gpu0 1 ddp 150 64
+  mark g1_gpu1; RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=1 ddp g1_b64_gpu1 1 ddp 150 64
+  mark g1_both
+  RUN_TIMEOUT=120 CUDA_VISIBLE_DEVICES=0 ddp g1_b64_both0 1 ddp 150 64 & both0=$!
+  RUN_TIMEOUT=120 CUDA_VISIBLE_DEVICES=1 ddp g1_b64_both1 1 ddp 150 64
+  wait $both0
+  mark g2; RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
+  mark end; kill $smi
+  python3 bench/smi_summary.py $OUT/smi.csv $OUT/marks.txt | tee $OUT/smi_summary.txt
 elif [ "$PART" = e ] || [ "$PART" = f ]; then
   one_gpu_refs
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
