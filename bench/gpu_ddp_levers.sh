@@ -31,6 +31,9 @@
 #   PART=i: the stage at 64 x 1024 on GPU 0 alone, on GPU 1 alone, on both at once (two separate
 #           runs), then DDP on both, with nvidia-smi's clocks, power, temperature and clock event
 #           reasons logged every 500 ms (smi.csv; marks.txt says which run was when).
+#   PART=j: GPU 0 alone, then DDP as it is, with the all-reduce in bf16, and with NCCL_PROTO=Simple
+#           and with NCCL_MAX_NCHANNELS=8 (all measured at 16 x 1024 before, when the step left the
+#           all-reduce less time to hide in; PART=i found both GPUs at their 700 W power limit).
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
@@ -39,6 +42,22 @@ one_gpu_refs() {  # the 1-GPU references at 16 and 64 x 1024, one on each GPU, a
   RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b16 1 ddp 300 16 &
   RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=1 ddp g1_b64 1 ddp 150 64
   wait
+}
+# nvidia-smi's clocks, power and temperatures every 500 ms into $OUT/smi.csv; `mark NAME` as each run
+# starts (marks.txt), smi_stop ends it and prints bench/smi_summary.py's table.
+smi_start() {
+  q=timestamp,index,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,temperature.memory,utilization.gpu
+  for r in clocks_event_reasons.active clocks_throttle_reasons.active ""; do
+    nvidia-smi --query-gpu=$q${r:+,$r} --format=csv >/dev/null 2>&1 && { q=$q${r:+,$r}; break; }
+  done
+  nvidia-smi -q -d POWER,CLOCK,PERFORMANCE > $OUT/smi_q.txt 2>&1
+  nvidia-smi --query-gpu=$q --format=csv -lms 500 > $OUT/smi.csv 2>&1 &
+  smi=$!
+}
+mark() { echo "$(date +%T.%N | cut -c1-12) $*" | tee -a $OUT/marks.txt; }
+smi_stop() {
+  mark end; kill $smi
+  python3 bench/smi_summary.py $OUT/smi.csv $OUT/marks.txt | tee $OUT/smi_summary.txt
 }
 ddp_tests() {
   timeout ${TEST_TIMEOUT:-330} python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE \
@@ -61,14 +80,7 @@ elif [ "$PART" = h ]; then
   RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b64 1 ddp 150 64
   RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
 elif [ "$PART" = i ]; then
-  q=timestamp,index,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,temperature.memory,utilization.gpu
-  for r in clocks_event_reasons.active clocks_throttle_reasons.active ""; do
-    nvidia-smi --query-gpu=$q${r:+,$r} --format=csv -c 1 >/dev/null 2>&1 && { q=$q${r:+,$r}; break; }
-  done
-  nvidia-smi -q -d POWER,CLOCK,PERFORMANCE > $OUT/smi_q.txt 2>&1
-  nvidia-smi --query-gpu=$q --format=csv -lms 500 > $OUT/smi.csv 2>&1 &
-  smi=$!
-  mark() { echo "$(date +%T.%N | cut -c1-12) $*" | tee -a $OUT/marks.txt; }
+  smi_start
   mark g1_gpu0; RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b64_gpu0 1 ddp 150 64
   mark g1_gpu1; RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=1 ddp g1_b64_gpu1 1 ddp 150 64
   mark g1_both
@@ -76,8 +88,15 @@ elif [ "$PART" = i ]; then
   RUN_TIMEOUT=120 CUDA_VISIBLE_DEVICES=1 ddp g1_b64_both1 1 ddp 150 64
   wait $both0
   mark g2; RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
-  mark end; kill $smi
-  python3 bench/smi_summary.py $OUT/smi.csv $OUT/marks.txt | tee $OUT/smi_summary.txt
+  smi_stop
+elif [ "$PART" = j ]; then
+  smi_start
+  mark g1_gpu0; RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b64_gpu0 1 ddp 150 64
+  mark g2; RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
+  mark g2_bf16; RUN_TIMEOUT=130 EXTRA="ddp_allreduce: bf16" ddp g2_b64_bf16 2 ddp 150 64
+  mark g2_simple; RUN_TIMEOUT=130 NCCL_PROTO=Simple ddp g2_b64_simple 2 ddp 150 64
+  mark g2_ch8; RUN_TIMEOUT=130 NCCL_MAX_NCHANNELS=8 ddp g2_b64_ch8 2 ddp 150 64
+  smi_stop
 elif [ "$PART" = e ] || [ "$PART" = f ]; then
   one_gpu_refs
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
