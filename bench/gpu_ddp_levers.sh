@@ -34,6 +34,8 @@
 #   PART=j: GPU 0 alone, then DDP as it is, with the all-reduce in bf16, and with NCCL_PROTO=Simple
 #           and with NCCL_MAX_NCHANNELS=8 (all measured at 16 x 1024 before, when the step left the
 #           all-reduce less time to hide in; PART=i found both GPUs at their 700 W power limit).
+#   PART=k: PART=h's DDP profile without the stage runs; the 1-GPU tests of the GPU-timed
+#           tokens/s; the stage under FSDP with deferred logs forced on (its error, in full).
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
@@ -97,6 +99,15 @@ elif [ "$PART" = j ]; then
   mark g2_simple; RUN_TIMEOUT=130 NCCL_PROTO=Simple ddp g2_b64_simple 2 ddp 150 64
   mark g2_ch8; RUN_TIMEOUT=130 NCCL_MAX_NCHANNELS=8 ddp g2_b64_ch8 2 ddp 150 64
   smi_stop
+elif [ "$PART" = k ]; then
+  timeout 240 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
+    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --splits $DATA/splits --steps 100 --batch 64 \
+    --skip 45 --profile 10 --sync-debug --variants engine --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1
+  grep -E "tok/s|profile|FAILED|Error" $OUT/bench_ddp_full.txt | tee $OUT/bench_ddp.txt
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE \
+    -k "never_wait or gpu_defaults" > $OUT/pytest_1gpu.txt 2>&1; tail -n 3 $OUT/pytest_1gpu.txt
+  RUN_TIMEOUT=150 PATCH='s/if DEFERRED_LOGS and not sharded(t):/if DEFERRED_LOGS:/' ddp fsdp_deferred 2 fsdp 60 8
+  grep -nE "Error|error|Traceback" $OUT/log_fsdp_deferred.txt | grep -v "^[0-9]*:W1" | head -n 8
 elif [ "$PART" = e ] || [ "$PART" = f ]; then
   one_gpu_refs
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16
