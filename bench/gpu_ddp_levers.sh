@@ -36,6 +36,9 @@
 #           all-reduce less time to hide in; PART=i found both GPUs at their 700 W power limit).
 #   PART=k: PART=h's DDP profile without the stage runs; the 1-GPU tests of the GPU-timed
 #           tokens/s; the stage under FSDP with deferred logs forced on (its error, in full).
+#   PART=l: the stage on GPU 0, DDP (deferred logs without store_flos, the last host sync of a DDP
+#           log step), FSDP (deferred logs now on), the engine's profile at 64 x 1024 on one GPU and
+#           under DDP (where DDP's extra time goes), DDP with store_flos at each log again.
 set -uo pipefail
 source bench/gpu_common.sh
 base_params
@@ -108,6 +111,23 @@ elif [ "$PART" = k ]; then
     -k "never_wait or gpu_defaults" > $OUT/pytest_1gpu.txt 2>&1; tail -n 3 $OUT/pytest_1gpu.txt
   RUN_TIMEOUT=150 PATCH='s/if DEFERRED_LOGS and not sharded(t):/if DEFERRED_LOGS:/' ddp fsdp_deferred 2 fsdp 60 8
   grep -nE "Error|error|Traceback" $OUT/log_fsdp_deferred.txt | grep -v "^[0-9]*:W1" | head -n 8
+elif [ "$PART" = l ]; then
+  smi_start
+  mark g1_gpu0; RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b64_gpu0 1 ddp 150 64
+  mark g2; RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
+  mark fsdp; RUN_TIMEOUT=100 ddp fsdp 2 fsdp 60 8
+  python3 -c "import json; print('fsdp grad norms', [h.get('grad_norm') for h in json.load(open('$OUT/state_fsdp.json'))['log_history']][:4])"
+  for w in 1 2; do
+    mark prof_g$w
+    launch="python3"; [ $w = 1 ] && export CUDA_VISIBLE_DEVICES=0
+    [ $w = 2 ] && launch="python3 -m torch.distributed.run --standalone --nproc_per_node 2"
+    timeout 150 $launch bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --splits $DATA/splits --steps 100 \
+      --batch 64 --skip 45 --profile 10 --sync-debug --variants engine --out $OUT/bench_g$w.json > $OUT/bench_g${w}_full.txt 2>&1
+    unset CUDA_VISIBLE_DEVICES
+    grep -E "tok/s|profile|FAILED|Error" $OUT/bench_g${w}_full.txt | grep -v UserWarning
+  done
+  mark g2_flos; RUN_TIMEOUT=130 PATCH='s/^            # No store_flos here/            tr.store_flos()\n&/' ddp g2_b64_flos 2 ddp 150 64
+  smi_stop
 elif [ "$PART" = e ] || [ "$PART" = f ]; then
   one_gpu_refs
   RUN_TIMEOUT=120 ddp g2_b16 2 ddp 300 16

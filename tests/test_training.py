@@ -741,6 +741,49 @@ def test_fused_projections_compile_under_ddp_graph_splitting(monkeypatch):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_deferred_logs_read_fsdps_dtensor_gradient_norm(workspace, tmp_path, monkeypatch):
+    """Under FSDP the Trainer's gradient norm is a DTensor (partial on each rank until reduced);
+    deferred logs failed on two GPUs copying it to the host ("aten.copy_.default got mixed
+    torch.Tensor and DTensor", session 14). They log its whole value: the Trainer's own norms."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    from codex_ml import modeling
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    lagging_logs(monkeypatch)
+    call = engine.DeferredLogs.__call__
+
+    def as_under_fsdp(self, tr_loss, grad_norm, *a, **kw):
+        if isinstance(grad_norm, torch.Tensor):
+            grad_norm = DTensor.from_local(grad_norm, mesh, [Partial()])
+        return call(self, tr_loss, grad_norm, *a, **kw)
+    monkeypatch.setattr(engine.DeferredLogs, "__call__", as_under_fsdp)
+    p = params(train=dict(max_steps=6, log_every=2, eval_every=100, save_every=100))
+    tok, tr, va = tiny_blocks(workspace)
+    norms = {}
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for deferred in (False, True):
+            monkeypatch.setattr(engine, "DEFERRED_LOGS", deferred)
+            torch.manual_seed(p.seed)
+            model = modeling.build(p.model, tok, 32)
+            trainer, _ = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path / str(deferred))
+            norms[deferred] = [h["grad_norm"] for h in trainer.state.log_history if "loss" in h]
+    finally:
+        dist.destroy_process_group()
+    assert len(norms[True]) == 4 and all(isinstance(n, float) for n in norms[True])
+    assert norms[True] == pytest.approx(norms[False], rel=1e-6)
+
+
 def test_wide_cat_slices_lowers_only_wide_last_dim_concatenations_to_slices():
     """Under wide_cat_slices a last-dim cat of inputs >= 256 wide is lowered as slices that each
     producer writes (aliases of one output buffer), a narrow one keeps inductor's pointwise cat (a
@@ -847,6 +890,30 @@ def test_bf16_training_keeps_the_residual_stream_in_bf16(workspace, tmp_path, mo
     assert seen == [torch.float32]
 
 
+class Lagging:
+    """A CUDA event's stand-in for deferred logs on a CPU: the log's copy lands after three more
+    queries, or when waited for, and the GPU's time between two logs is 50 ms a step."""
+
+    def __init__(self, step):
+        self.left, self.step = 3, step
+
+    def elapsed_time(self, later):
+        return 50.0 * (later.step - self.step)
+
+    def query(self):
+        self.left -= 1
+        return self.left < 0
+
+    def synchronize(self):
+        self.left = 0
+
+
+def lagging_logs(monkeypatch):
+    monkeypatch.setattr(engine.DeferredLogs, "devices", ("cpu",))
+    monkeypatch.setattr(engine.DeferredLogs, "event",
+                        lambda self, device: Lagging(self.trainer.state.global_step))
+
+
 def test_deferred_logs_give_the_trainers_own_history_with_evals_and_checkpoints(workspace, tmp_path,
                                                                               monkeypatch):
     """Logs whose loss copy lands only some steps later (as on a GPU with the host ahead) make the
@@ -855,23 +922,7 @@ def test_deferred_logs_give_the_trainers_own_history_with_evals_and_checkpoints(
     trainer_state.json; the checkpoint of a run with deferred logs resumes."""
     from codex_ml import modeling
 
-    class Lagging:  # a copy that lands after three more queries, or when waited for
-        def __init__(self, step):
-            self.left, self.step = 3, step
-
-        def elapsed_time(self, later):  # the GPU's time: 50 ms a step
-            return 50.0 * (later.step - self.step)
-
-        def query(self):
-            self.left -= 1
-            return self.left < 0
-
-        def synchronize(self):
-            self.left = 0
-
-    monkeypatch.setattr(engine.DeferredLogs, "devices", ("cpu",))
-    monkeypatch.setattr(engine.DeferredLogs, "event",
-                        lambda self, device: Lagging(self.trainer.state.global_step))
+    lagging_logs(monkeypatch)
     late, emit = [], engine.DeferredLogs.emit
 
     def recorded(self, vals, meta, start_time=None):
@@ -890,10 +941,13 @@ def test_deferred_logs_give_the_trainers_own_history_with_evals_and_checkpoints(
         timing = ("tokens_per_s", "runtime", "per_second")
         hist = [{k: v for k, v in h.items() if not k.endswith(timing)} for h in trainer.state.log_history]
         saved = json.loads((tmp_path / str(deferred) / "checkpoint-20" / "trainer_state.json").read_text())
-        runs[deferred] = hist, saved["log_history"], res, trainer.state.log_history
-    (hist, saved, res, _), (hist2, saved2, res2, raw) = runs[False], runs[True]
+        runs[deferred] = hist, saved, res, trainer.state.log_history, trainer.state.total_flos
+    (hist, saved, res, _, flos), (hist2, saved2, res2, raw, flos2) = runs[False], runs[True]
     assert [h["step"] for h in hist if "loss" in h] == [1, *range(2, 23, 2)]
     assert hist2 == hist and max(late) >= 2 and 0 in late  # made later, and at once at evals
+    # The flos are stored at checkpoints and at the end only, not at each log: the same totals.
+    assert flos2 == flos > 0 and saved2["total_flos"] == saved["total_flos"] > 0
+    saved, saved2 = saved["log_history"], saved2["log_history"]
     assert [h["step"] for h in saved2] == [h["step"] for h in saved] and saved2[-2]["step"] == 20
     assert res2.final_train_loss == res.final_train_loss and res2.best_val_loss == res.best_val_loss
     # tokens/s from the GPU's time between logs (4 x 32 tokens in 50 ms), except the first log

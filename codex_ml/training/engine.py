@@ -377,7 +377,10 @@ class DeferredLogs:
                 and tr_loss.device.type in self.devices):
             vals = [self.gather(tr_loss, tr.args.parallel_mode).mean()]
             if isinstance(grad_norm, torch.Tensor):
-                vals.append(grad_norm.float())
+                # Under FSDP the norm is a DTensor, which copy_ to a plain tensor refuses (session
+                # 14's GPU run); its whole value comes by a collective, not by waiting for the GPU.
+                full = getattr(grad_norm, "full_tensor", None)
+                vals.append((full() if full else grad_norm).float())
             host = torch.empty(len(vals), pin_memory=tr_loss.is_cuda)
             host.copy_(torch.stack(vals).detach(), non_blocking=True)
             lr = kw.get("learning_rate")
@@ -388,7 +391,9 @@ class DeferredLogs:
             self.pending.append((host, self.event(tr_loss.device), meta))
             tr_loss -= tr_loss
             tr._globalstep_last_logged = st.global_step
-            tr.store_flos()
+            # No store_flos here: under DDP it all-gathers a host list and reads it back, the one
+            # host sync left in a DDP log step (session 14's profile). The Trainer stores them
+            # before each checkpoint and at the end, the only places its total is read.
             c.should_log = False
         flush = c.should_evaluate or c.should_save or c.should_training_stop or c.should_epoch_stop
         while self.pending and (flush or self.pending[0][1].query()):
@@ -801,9 +806,7 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_blocks),
                       eval_dataset=Blocks(val_blocks), callbacks=cbs)
     clip_in_optimizer(trainer, t, precision)
-    # Not under FSDP: its GPU test failed with them (session 13, the error not captured); FSDP
-    # steps have no CUDA graphs to keep fed anyway.
-    if DEFERRED_LOGS and not sharded(t):
+    if DEFERRED_LOGS:
         DeferredLogs(trainer, throughput)
     if ws > 1 and not sharded(t):
         # accelerate wraps the model in DDP with these settings, then registers the hook.
