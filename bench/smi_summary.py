@@ -19,8 +19,8 @@ def main(smi_csv, marks_txt):
     smi = pd.read_csv(smi_csv, skipinitialspace=True)
     smi.columns = [c.split(" [")[0].replace("clocks.current.", "clocks.") for c in smi.columns]
     smi = smi[pd.to_numeric(smi["index"], errors="coerce").notna()]  # drops repeated headers
-    seconds = pd.to_datetime(smi["timestamp"], format="%Y/%m/%d %H:%M:%S.%f")
-    smi["t"] = seconds.dt.hour * 3600 + seconds.dt.minute * 60 + seconds.dt.second + seconds.dt.microsecond / 1e6
+    stamp = pd.to_datetime(smi["timestamp"], format="%Y/%m/%d %H:%M:%S.%f")
+    smi["t"] = (stamp - stamp.dt.normalize()).dt.total_seconds()  # seconds since midnight, as marks.txt
     for col in ("clocks.sm", "clocks.mem", "power.draw", "power.limit", "temperature.gpu",
                 "temperature.memory", "utilization.gpu"):
         if col in smi:

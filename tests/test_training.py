@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -708,11 +709,10 @@ def test_bf16_weight_copies_train_like_autocast_and_follow_the_weights():
         assert copied == {"lora_A", "lora_B"}  # the frozen base layers keep autocast
 
 
-def test_fused_projections_compile_under_ddp_graph_splitting(monkeypatch):
-    """DDP's graph splitting (dynamo's DDPOptimizer) copies the traced graph's input sources; with
-    the layers' state reached through function defaults it failed on torch 2.11 (the GPU image's:
-    "DefaultsSource.__init__() takes from 3 to 4 positional arguments"). A one-rank DDP model
-    with small buckets (several graphs) compiles and gives the unwrapped model's loss."""
+@contextlib.contextmanager
+def one_rank_group(monkeypatch):
+    """A one-rank gloo process group on a free local port, for torch.distributed's own objects
+    (DDP, DTensor) in this process; destroyed afterwards."""
     import socket
 
     import torch.distributed as dist
@@ -722,21 +722,29 @@ def test_fused_projections_compile_under_ddp_graph_splitting(monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fused_projections_compile_under_ddp_graph_splitting(monkeypatch):
+    """DDP's graph splitting (dynamo's DDPOptimizer) copies the traced graph's input sources; with
+    the layers' state reached through function defaults it failed on torch 2.11 (the GPU image's:
+    "DefaultsSource.__init__() takes from 3 to 4 positional arguments"). A one-rank DDP model
+    with small buckets (several graphs) compiles and gives the unwrapped model's loss."""
     torch.manual_seed(0)
     model = tiny_llama(hidden_size=256, intermediate_size=512, num_hidden_layers=4)
     x = torch.randint(0, 64, (2, 16))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        with engine.fused_projections(model, "all", bf16_weights=True), \
-                torch.autocast("cpu", dtype=torch.bfloat16):
-            want = model(input_ids=x, labels=x).loss
-            ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
-            torch._dynamo.reset()
-            got = torch.compile(ddp, backend="aot_eager")(input_ids=x, labels=x).loss
-            got.backward()
-            torch._dynamo.reset()
-    finally:
-        dist.destroy_process_group()
+    with one_rank_group(monkeypatch), engine.fused_projections(model, "all", bf16_weights=True), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=x, labels=x).loss
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
+        torch._dynamo.reset()
+        got = torch.compile(ddp, backend="aot_eager")(input_ids=x, labels=x).loss
+        got.backward()
+        torch._dynamo.reset()
     torch.testing.assert_close(got, want)
     assert all(p.grad is not None for p in model.parameters())
 
@@ -745,19 +753,11 @@ def test_deferred_logs_read_fsdps_dtensor_gradient_norm(workspace, tmp_path, mon
     """Under FSDP the Trainer's gradient norm is a DTensor (partial on each rank until reduced);
     deferred logs failed on two GPUs copying it to the host ("aten.copy_.default got mixed
     torch.Tensor and DTensor", session 14). They log its whole value: the Trainer's own norms."""
-    import socket
-
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial
 
     from codex_ml import modeling
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
     lagging_logs(monkeypatch)
     call = engine.DeferredLogs.__call__
 
@@ -769,8 +769,7 @@ def test_deferred_logs_read_fsdps_dtensor_gradient_norm(workspace, tmp_path, mon
     p = params(train=dict(max_steps=6, log_every=2, eval_every=100, save_every=100))
     tok, tr, va = tiny_blocks(workspace)
     norms = {}
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with one_rank_group(monkeypatch):
         mesh = init_device_mesh("cpu", (1,))
         for deferred in (False, True):
             monkeypatch.setattr(engine, "DEFERRED_LOGS", deferred)
@@ -778,8 +777,6 @@ def test_deferred_logs_read_fsdps_dtensor_gradient_norm(workspace, tmp_path, mon
             model = modeling.build(p.model, tok, 32)
             trainer, _ = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path / str(deferred))
             norms[deferred] = [h["grad_norm"] for h in trainer.state.log_history if "loss" in h]
-    finally:
-        dist.destroy_process_group()
     assert len(norms[True]) == 4 and all(isinstance(n, float) for n in norms[True])
     assert norms[True] == pytest.approx(norms[False], rel=1e-6)
 
