@@ -27,7 +27,8 @@
 #           the host syncs counted (does the DDP step still stop the host?), then the 1-GPU
 #           reference and 2 GPUs at 64 x 1024 (the stage; ~8 minutes in all).
 # Session 14 (two GPUs stayed at 1.07-1.09M tokens/s from session 9 on while one GPU alone got 4%
-# faster; a single GPU run beside another run was ~3.5% slower than alone):
+# faster; was a single GPU run beside another slower than alone? PART=i: no, but both GPUs run at
+# their power cap and GPU 1 is 2.4% faster than GPU 0; bench/RESULTS_GPU.md §2):
 #   PART=i: the stage at 64 x 1024 on GPU 0 alone, on GPU 1 alone, on both at once (two separate
 #           runs), then DDP on both, with nvidia-smi's clocks, power, temperature and clock event
 #           reasons logged every 500 ms (smi.csv; marks.txt says which run was when).
@@ -35,7 +36,8 @@
 #           and with NCCL_MAX_NCHANNELS=8 (all measured at 16 x 1024 before, when the step left the
 #           all-reduce less time to hide in; PART=i found both GPUs at their 700 W power limit).
 #   PART=k: PART=h's DDP profile without the stage runs; the 1-GPU tests of the GPU-timed
-#           tokens/s; the stage under FSDP with deferred logs forced on (its error, in full).
+#           tokens/s; the stage under FSDP with deferred logs forced on (its error, in full; since
+#           the fix they are on under FSDP and the PATCH matches nothing).
 #   PART=l: the stage on GPU 0, DDP (deferred logs without store_flos, the last host sync of a DDP
 #           log step), FSDP (deferred logs now on), the engine's profile at 64 x 1024 on one GPU and
 #           under DDP (where DDP's extra time goes), DDP with store_flos at each log again.
