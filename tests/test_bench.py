@@ -113,3 +113,33 @@ def test_the_profiles_communication_measure_counts_only_time_nothing_else_runs()
     assert comm == [(0, 20), (40, 50)] and work == [(2, 8), (15, 46)]
     assert b.overlap(comm, work) == [(2, 8), (15, 20), (40, 46)]
     assert b.length(comm) - b.length(b.overlap(comm, work)) == 30 - 17  # 0-2, 8-15, 46-50
+
+
+def test_smi_summary_reads_nvidia_smis_csv_per_run_and_gpu_while_busy(tmp_path):
+    """bench/smi_summary.py on nvidia-smi's own CSV format (units in the header and the values, the
+    event reasons as hex): samples are split by the marks, idle ones (compiling, loading) left out,
+    and the power-cap and thermal bits read from the reasons."""
+    head = ("timestamp, index, clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], "
+            "power.limit [W], temperature.gpu, temperature.memory, utilization.gpu [%], "
+            "clocks_event_reasons.active\n")
+    rows = [  # time, gpu, SM MHz, W, utilization %, reasons
+        ("14:00:01.000", 0, 1980, 80.0, 0, "0x0000000000000001"),  # idle: left out
+        ("14:00:02.000", 0, 1600, 690.0, 100, "0x0000000000000004"),
+        ("14:00:02.500", 0, 1500, 695.0, 100, "0x0000000000000000"),
+        ("14:00:03.000", 1, 1700, 688.0, 99, "0x0000000000000024"),  # power cap + SW thermal
+        ("14:00:06.000", 0, 1400, 699.0, 100, "0x0000000000000004"),  # the second run
+    ]
+    (tmp_path / "smi.csv").write_text(head + "".join(
+        f"2026/11/30 {t}, {g}, {mhz} MHz, 3201 MHz, {w:.2f} W, 700.00 W, 60, 55, {u} %, {r}\n"
+        for t, g, mhz, w, u, r in rows))
+    (tmp_path / "marks.txt").write_text("14:00:00.000 one\n14:00:05.000 two\n14:00:09.000 end\n")
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "smi_summary.py"), str(tmp_path / "smi.csv"),
+                          str(tmp_path / "marks.txt")], capture_output=True, text=True, check=True).stdout
+    lines = [line.split() for line in out.splitlines()]
+    cols = lines[0]
+    got = {(r[0], int(r[1])): dict(zip(cols[2:], map(float, r[2:]))) for r in lines[1:]}
+    assert set(got) == {("one", 0), ("one", 1), ("two", 0)}
+    assert got["one", 0]["busy_samples"] == 2 and got["one", 0]["sm_mhz_median"] == 1550
+    assert got["one", 0]["power_cap"] == 0.5 and got["one", 0]["sw_thermal"] == 0
+    assert got["one", 1]["power_cap"] == 1 and got["one", 1]["sw_thermal"] == 1
+    assert got["two", 0]["sm_mhz_min"] == 1400 and got["two", 0]["power_w_median"] == 699
