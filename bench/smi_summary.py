@@ -21,16 +21,12 @@ def main(smi_csv, marks_txt):
     smi = smi[pd.to_numeric(smi["index"], errors="coerce").notna()]  # drops repeated headers
     stamp = pd.to_datetime(smi["timestamp"], format="%Y/%m/%d %H:%M:%S.%f")
     smi["t"] = (stamp - stamp.dt.normalize()).dt.total_seconds()  # seconds since midnight, as marks.txt
-    for col in ("clocks.sm", "clocks.mem", "power.draw", "power.limit", "temperature.gpu",
-                "temperature.memory", "utilization.gpu"):
-        if col in smi:
-            smi[col] = pd.to_numeric(smi[col].astype(str).str.split().str[0], errors="coerce")
-    reason_col = next((c for c in smi.columns if "reasons" in c), None)
-    marks = []
-    for line in open(marks_txt):
-        stamp, name = line.split()[:2]
-        h, m, s = stamp.split(":")
-        marks.append((int(h) * 3600 + int(m) * 60 + float(s), name))
+    for col in ("clocks.sm", "clocks.memory", "power.draw", "power.limit", "temperature.gpu",
+                "temperature.memory", "utilization.gpu"):  # "1590 MHz", "[N/A]" -> 1590, NaN
+        smi[col] = pd.to_numeric(smi[col].astype(str).str.split().str[0], errors="coerce")
+    reason_col = next((c for c in smi.columns if "reasons" in c), None)  # absent on old drivers
+    marks = [(pd.to_timedelta(t).total_seconds(), name) for t, name in
+             (line.split()[:2] for line in open(marks_txt))]
     rows = []
     for (start, name), (end, _) in zip(marks, marks[1:]):
         run = smi[(smi["t"] >= start) & (smi["t"] < end) & (smi["utilization.gpu"] >= BUSY_PERCENT)]
@@ -38,9 +34,7 @@ def main(smi_csv, marks_txt):
             row = {"run": name, "gpu": gpu, "busy_samples": len(g),
                    "sm_mhz_median": g["clocks.sm"].median(), "sm_mhz_min": g["clocks.sm"].min(),
                    "power_w_median": g["power.draw"].median(), "power_limit_w": g["power.limit"].median(),
-                   "temp_c_max": g["temperature.gpu"].max()}
-            if "temperature.memory" in g:
-                row["mem_temp_c_max"] = g["temperature.memory"].max()
+                   "temp_c_max": g["temperature.gpu"].max(), "mem_temp_c_max": g["temperature.memory"].max()}
             if reason_col:
                 bits = g[reason_col].astype(str).map(lambda v: int(v, 16) if v.startswith("0x") else 0)
                 for reason, bit in REASONS.items():
