@@ -4,7 +4,7 @@ Both train the same GPT-2-small-shaped Llama decoder (12 layers, width 768, 12 h
 vocab ~50k) on the same packed real data, same seed, same batch, in one run. Prints tokens/s,
 MFU (nanoGPT's formula), the engine/baseline ratio, peak memory, and whether the loss curves agree.
 
-    python bench/bench_train_gpu.py --tokenizer models/tokenizer --splits data/splits
+    python bench/bench_train_gpu.py --tokenizer models/tokenizer --tokens data/tokens
     python bench/bench_train_gpu.py --cpu-smoke          # a tiny shape on the CPU, to check the code
     torchrun --nproc_per_node 2 bench/bench_train_gpu.py --variants engine --profile 5   # DDP
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from codex_ml import params  # noqa: E402
 from codex_ml.modeling import build_scratch, load_tokenizer  # noqa: E402
 from codex_ml.training import engine  # noqa: E402
-from codex_ml.training.data import pack_split  # noqa: E402
+from codex_ml.data.tokens import TokenBlocks  # noqa: E402
 
 # What torch says for each sync in sync-debug mode. Not just "synchroniz": turning the mode on
 # also warns, once per process, "Synchronization debug mode is a prototype feature", which was
@@ -396,7 +396,7 @@ def steady(step_times, skip: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tokenizer", default="models/tokenizer")
-    ap.add_argument("--splits", default="data/splits")
+    ap.add_argument("--tokens", default="data/tokens", help="the tokenize stage's shards")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
@@ -455,10 +455,11 @@ def main() -> None:
     seed = 1337
     tok = load_tokenizer(args.tokenizer)
     t0 = time.perf_counter()
-    blocks = pack_split(args.splits, "train", tok, args.seq)
-    val = pack_split(args.splits, "val", tok, args.seq)[:8]
+    # In memory, as the plain loop indexes them with a tensor; the engine gets the same blocks.
+    blocks = torch.from_numpy(TokenBlocks(args.tokens, "train", args.seq).all())
+    val = torch.from_numpy(TokenBlocks(args.tokens, "val", args.seq).all()[:8])
     print(f"data: {len(blocks)} train blocks of {args.seq} ({len(blocks) * args.seq / 1e6:.1f}M tokens),"
-          f" vocab {len(tok)}, packed in {time.perf_counter() - t0:.0f}s", flush=True)
+          f" vocab {len(tok)}, read in {time.perf_counter() - t0:.0f}s", flush=True)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

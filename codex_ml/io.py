@@ -94,37 +94,112 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# A Parquet row group is the unit of parallel work for the stage that reads the table next.
+ROW_GROUP_BYTES = 4 << 20
+
+
 class ShardWriter:
-    """Write document rows as `<name>.parquet`, or `<name>-00000.parquet`, ... past `shard_bytes`."""
+    """Write document rows as `<name>.parquet`, or `<name>-00000.parquet`, ... past `shard_bytes`.
+
+    Rows are buffered up to `row_group_bytes` of text and written as one row group, so memory stays
+    at one row group however large a shard grows. The layout depends only on the rows and the two
+    sizes: the same rows give the same bytes whichever process made them.
+    """
 
     def __init__(self, directory: Path, name: str, shard_bytes: int = 256 << 20,
-                 schema: pa.Schema = DOC_SCHEMA):
-        self.directory, self.name, self.shard_bytes, self.schema = directory, name, shard_bytes, schema
+                 schema: pa.Schema = DOC_SCHEMA, row_group_bytes: int | None = None):
+        self.directory, self.name, self.schema = Path(directory), name, schema
+        self.shard_bytes, self.row_group_bytes = shard_bytes, row_group_bytes or ROW_GROUP_BYTES
+        self.buffer: list[pa.Table] = []
         self.rows: list[dict] = []
-        self.pending = 0
+        self.pending = 0        # text bytes buffered
+        self.in_file = 0        # text bytes in the open file
+        self.writer: pq.ParquetWriter | None = None
         self.files: list[Path] = []
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
         self.pending += row.get("bytes", 0)
-        if self.pending >= self.shard_bytes:
-            self._flush()
+        if self.pending >= self.row_group_bytes or self.in_file + self.pending >= self.shard_bytes:
+            self._write_group()
 
-    def _flush(self) -> None:
-        path = self.directory / f"{self.name}-{len(self.files):05d}.parquet"
-        table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        pq.write_table(table, path, compression="zstd")
-        self.files.append(path)
-        self.rows, self.pending = [], 0
+    def _rows_to_buffer(self) -> None:
+        if self.rows:
+            self.buffer.append(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def add_table(self, table: pa.Table) -> None:
+        """Append rows (a table of this writer's schema), cutting row groups at `row_group_bytes`."""
+        if not table.num_rows:
+            return
+        self._rows_to_buffer()
+        sizes = table.column("bytes").to_pylist() if "bytes" in table.column_names else \
+            [0] * table.num_rows
+        start = 0
+        for i, b in enumerate(sizes):
+            self.pending += b
+            if self.pending >= self.row_group_bytes or self.in_file + self.pending >= self.shard_bytes:
+                self.buffer.append(table.slice(start, i + 1 - start))
+                start = i + 1
+                self._write_group()
+        if start < table.num_rows:
+            self.buffer.append(table.slice(start))
+
+    def _write_group(self) -> None:
+        self._rows_to_buffer()
+        if self.writer is None:
+            path = self.directory / f"{self.name}-{len(self.files):05d}.parquet"
+            self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+            self.files.append(path)
+        group = pa.concat_tables(self.buffer).cast(self.schema) if self.buffer else \
+            self.schema.empty_table()
+        self.writer.write_table(group, row_group_size=max(1, group.num_rows))
+        self.in_file += self.pending
+        self.buffer, self.pending = [], 0
+        if self.in_file >= self.shard_bytes:
+            self.writer.close()
+            self.writer, self.in_file = None, 0
 
     def close(self) -> list[Path]:
-        if self.rows or not self.files:
-            self._flush()
+        if self.rows or self.buffer or not self.files:
+            self._write_group()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         if len(self.files) == 1:  # the common case gets the plain name
             single = self.directory / f"{self.name}.parquet"
             os.rename(self.files[0], single)
             self.files = [single]
         return self.files
+
+
+def row_groups(directory: str | os.PathLike, name: str) -> list[tuple[str, int]]:
+    """(file, row group index) of a document table, in order: the units parallel stages map over."""
+    from .stage import UserError
+
+    paths = shard_paths(directory, name)
+    if not paths:
+        raise UserError(f"no Parquet table '{name}' in {directory} (run the stage that writes it)")
+    units = []
+    for p in paths:
+        try:
+            n = pq.ParquetFile(p).metadata.num_row_groups
+        except Exception as e:  # pyarrow's errors for a damaged footer vary; any of them means corrupt
+            raise UserError(f"corrupt Parquet file {p}: {str(e).splitlines()[0]}") from None
+        units += [(str(p), i) for i in range(n)]
+    return units
+
+
+def read_row_group(unit: tuple[str, int], columns: list[str] | None = None) -> pa.Table:
+    from .stage import UserError
+
+    path, i = unit
+    try:
+        return pq.ParquetFile(path).read_row_group(i, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, OSError) and not isinstance(e, pa.ArrowException) and e.errno:
+            raise
+        raise UserError(f"corrupt Parquet file {path}: {str(e).splitlines()[0]}") from None
 
 
 def shard_paths(directory: str | os.PathLike, name: str) -> list[Path]:

@@ -131,6 +131,22 @@ class Split(Strict):
     group_by: Literal["id", "directory"] = "id"
 
 
+# ---------------------------------------------------------------- data engine / tokenize
+class Data(Strict):
+    """Where the data stages (ingest, sanitize, split, tokenize) run. Their outputs are the same
+    bytes whatever these say, so dvc.yaml lists none of them as a stage's params."""
+    engine: Literal["local", "ray"] = "local"
+    # Processes of the local engine (auto: every core); one runs in the stage's own process.
+    workers: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    # A Ray cluster's address (host:port or ray://host:10001); null: the RAY_ADDRESS variable.
+    ray_address: str | None = None
+
+
+class Tokenize(Strict):
+    # A shard closes at the first document end past this many tokens (uint16: 2 bytes a token).
+    shard_tokens: int = Field(1 << 28, ge=1)
+
+
 # ---------------------------------------------------------------- tokenizer
 class Tokenizer(Strict):
     """SentencePiece settings; the lossless ones (identity normalisation, no whitespace collapsing,
@@ -273,6 +289,25 @@ class Completion(Strict):
     max_new_tokens: int = Field(48, ge=1)
 
 
+class HumanEval(Strict):
+    """HumanEval pass@k, the generated code run in codex_ml/evaluation/sandbox.py. Off unless a
+    params file turns it on: it executes model output (sandboxed; refused where no sandbox)."""
+    enabled: bool = False
+    problems: int | None = Field(None, ge=1, le=164)  # the first N problems; None: all 164
+    num_samples: int = Field(10, ge=1)           # per problem; pass@k is reported for k <= this
+    temperature: float = Field(0.8, ge=0)        # 0: greedy (then num_samples must be 1)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    timeout_s: float = Field(3.0, gt=0, le=120)  # wall clock per sample (CPU limit the same)
+
+    @model_validator(mode="after")
+    def _greedy_once(self):
+        if self.temperature == 0 and self.num_samples > 1:
+            raise ValueError(f"temperature 0 is greedy decoding: its {self.num_samples} samples "
+                             "would be identical; use num_samples: 1 or a temperature > 0")
+        return self
+
+
 class Eval(Strict):
     batch_size: int = Field(8, ge=1)             # windows (of `context` tokens) per forward pass
     bootstrap: int = Field(1000, ge=10)          # resamples of test documents for the 95% CIs
@@ -280,6 +315,7 @@ class Eval(Strict):
     context: int | None = Field(None, ge=8)      # window length; None: the model's max positions
     stride: int | None = Field(None, ge=1)       # window advance; None: half the context
     completion: Completion = Completion()
+    humaneval: HumanEval = HumanEval()
 
     @model_validator(mode="after")
     def _stride_fits(self):
@@ -299,7 +335,9 @@ class Params(Strict):
     ingest: Ingest = Ingest()
     sanitize: Sanitize = Sanitize()
     split: Split = Split()
+    data: Data = Data()
     tokenizer: Tokenizer = Tokenizer()
+    tokenize: Tokenize = Tokenize()
     model: Model = Model()
     train: Train = Train()
     eval: Eval = Eval()

@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codex_ml import params  # noqa: E402
+from codex_ml.data.engine import Engine  # noqa: E402
 from codex_ml.data.ingest import check_sources, ingest  # noqa: E402
 from codex_ml.io import atomic_dir, write_json  # noqa: E402
 from codex_ml.stage import UserError, run  # noqa: E402
@@ -25,8 +26,9 @@ def main() -> None:
     p = params.load(args.params)
     check_sources(p.ingest)
     t0 = time.perf_counter()
-    with atomic_dir(args.output) as tmp:
-        m = ingest(p.ingest, tmp)
+    with atomic_dir(args.output) as tmp, \
+            Engine(p.data.engine, p.data.workers, p.data.ray_address) as engine:
+        m = ingest(p.ingest, tmp, engine)
         if m["documents"] == 0:
             raise UserError(f"ingest produced no documents (skipped: {m['skipped']}); "
                             "check ingest.sources paths and include/exclude globs")

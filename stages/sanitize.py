@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codex_ml import io, params  # noqa: E402
+from codex_ml.data.engine import Engine  # noqa: E402
 from codex_ml.safety.sanitize import sanitize_table  # noqa: E402
 from codex_ml.stage import run  # noqa: E402
 
@@ -23,7 +24,9 @@ def main() -> None:
     args = ap.parse_args()
 
     p = params.load(args.params)
-    m = sanitize_table(args.input, args.output, p.sanitize, shard_bytes=p.ingest.shard_bytes)
+    engine = Engine(p.data.engine, p.data.workers, p.data.ray_address)
+    m = sanitize_table(args.input, args.output, p.sanitize, shard_bytes=p.ingest.shard_bytes,
+                       engine=engine)
     io.write_json(args.metrics, m)
     top = ", ".join(f"{k}={v}" for k, v in sorted(m["redactions"].items(), key=lambda kv: -kv[1])
                     if v)[:200]

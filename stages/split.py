@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codex_ml import params  # noqa: E402
+from codex_ml.data.engine import Engine  # noqa: E402
 from codex_ml.data.split import SPLITS, split  # noqa: E402
 from codex_ml.io import atomic_dir, write_json  # noqa: E402
 from codex_ml.stage import run  # noqa: E402
@@ -26,7 +27,8 @@ def main() -> None:
     p = params.load(args.params)
     t0 = time.perf_counter()
     with atomic_dir(args.output) as tmp:
-        manifest = split(Path(args.input), tmp, p.split, p.seed, p.ingest.shard_bytes)
+        manifest = split(Path(args.input), tmp, p.split, p.seed, p.ingest.shard_bytes,
+                         Engine(p.data.engine, p.data.workers, p.data.ray_address))
         write_json(tmp / "manifest.json", manifest)
     sp = manifest["splits"]
     write_json(args.metrics, {

@@ -21,7 +21,7 @@ log = logging.getLogger("codex.train_model")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--splits", default="data/splits")
+    ap.add_argument("--tokens", default="data/tokens", help="the tokenize stage's shards")
     ap.add_argument("--tokenizer", default="models/tokenizer")
     ap.add_argument("--out", default="models/model")
     ap.add_argument("--checkpoints", default="models/checkpoints")
@@ -46,7 +46,7 @@ def main():
         # One process per GPU (rank 0 logs and saves), or this one again on the first GPU.
         launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else []
         os.execv(sys.executable, [sys.executable, *launch, *sys.argv])
-    paths = pipeline.Paths(splits=Path(a.splits), tokenizer=Path(a.tokenizer), out=Path(a.out),
+    paths = pipeline.Paths(tokens=Path(a.tokens), tokenizer=Path(a.tokenizer), out=Path(a.out),
                            checkpoints=Path(a.checkpoints), live=Path(a.live))
     m = pipeline.run(p, paths)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -82,7 +82,18 @@ def workspace(tmp_path_factory) -> Path:
     write_split(splits, "test", texts[21:])
     (splits / "manifest.json").write_text(json.dumps({"dataset_version": "test-v1"}))
     make_tokenizer(root / "models" / "tokenizer", texts[:19])
+    make_tokens(root, root / "models" / "tokenizer")
     return root
+
+
+def make_tokens(root: Path, tokenizer: Path, out: Path | None = None) -> Path:
+    """The tokenize stage's shards of root/data/splits (into root/data/tokens by default)."""
+    from codex_ml.data.engine import Engine
+    from codex_ml.data.tokens import tokenize
+
+    out = out or root / "data" / "tokens"
+    tokenize(root / "data" / "splits", tokenizer, out, 1 << 28, Engine(workers=1))
+    return out
 
 
 def params(**over) -> Params:
@@ -93,13 +104,14 @@ def params(**over) -> Params:
 
 
 def tiny_blocks(workspace):
-    """The workspace's tokenizer and its train and val splits packed into 32-token blocks."""
+    """The workspace's tokenizer and its train and val shards in 32-token blocks, in memory."""
     from codex_ml import modeling
-    from codex_ml.training.data import pack_split
+    from codex_ml.data.tokens import TokenBlocks
 
     tok = modeling.load_tokenizer(workspace / "models" / "tokenizer")
-    splits = workspace / "data" / "splits"
-    return tok, pack_split(splits, "train", tok, 32), pack_split(splits, "val", tok, 32)
+    tokens = workspace / "data" / "tokens"
+    return (tok, torch.from_numpy(TokenBlocks(tokens, "train", 32).all()),
+            torch.from_numpy(TokenBlocks(tokens, "val", 32).all()))
 
 
 TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -343,7 +355,7 @@ def stage_dir(workspace: Path, tmp: Path, **over) -> Path:
     d = tmp
     (d / "data").mkdir(parents=True, exist_ok=True)
     (d / "models").mkdir(exist_ok=True)
-    (d / "data" / "splits").symlink_to(workspace / "data" / "splits")
+    (d / "data" / "tokens").symlink_to(workspace / "data" / "tokens")
     (d / "models" / "tokenizer").symlink_to(workspace / "models" / "tokenizer")
     raw = {"seed": 7, "model": dict(TINY_MODEL), "train": dict(TINY_TRAIN, max_steps=40)}
     for group, vals in over.items():
@@ -605,7 +617,7 @@ def test_pipeline_lora_on_a_pretrained_model_the_pipeline_made(workspace, tmp_pa
                           lora=dict(enabled=True, r=4, target_modules=["q_proj", "v_proj"],
                                     merge=True)),
                train=dict(max_steps=6, eval_every=3, save_every=3))
-    paths = pipeline.Paths(splits=workspace / "data" / "splits", tokenizer=base,
+    paths = pipeline.Paths(tokens=make_tokens(workspace, base, tmp_path / "tokens"), tokenizer=base,
                            out=tmp_path / "model", checkpoints=tmp_path / "ck",
                            live=tmp_path / "live", lock=ROOT / "requirements.lock")
     m = pipeline.run(p, paths)

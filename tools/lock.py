@@ -38,11 +38,17 @@ def blocks(text: str) -> tuple[str, list[str]]:
 def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         raw = os.path.join(d, "raw.lock")
+        # pip-compile keeps the pins of an existing output file (unless --upgrade is given):
+        # start from the current lock so adding a dependency moves no other package.
+        if os.path.exists("requirements.lock") and "--upgrade" not in sys.argv:
+            with open("requirements.lock") as f, open(raw, "w") as out:
+                out.write(f.read())
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
         env["PIP_CONFIG_FILE"] = os.devnull  # no local find-links or mirrors: PyPI's view only
         subprocess.run([sys.executable, "-m", "piptools", "compile", "--quiet", "--generate-hashes",
                         "--allow-unsafe", "--strip-extras", "--no-emit-index-url",
                         "--index-url", "https://pypi.org/simple", "--output-file", raw,
+                        *(["--upgrade"] if "--upgrade" in sys.argv else []),
                         "requirements.in"], check=True, env=env)
         header, reqs = blocks(open(raw).read().replace(raw, "requirements.lock"))
     main_blocks, gpu_blocks = [], []

@@ -12,9 +12,10 @@ from pathlib import Path
 import pathspec
 from tqdm import tqdm
 
-from ..io import ShardWriter, sha256_text
+from ..io import ShardWriter, chunked, sha256_text
 from ..params import DirectorySource, HFDatasetSource, Ingest, StdlibSource, TableSource
 from ..stage import UserError
+from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -103,26 +104,46 @@ def _walk(root: Path, include: list[str], exclude: list[str], follow: bool, name
     return iter(out)
 
 
-def _file_docs(src: StdlibSource | DirectorySource, root: Path, max_bytes: int,
-               skips: Skips) -> Iterator[dict]:
-    follow = getattr(src, "follow_symlinks", False)
-    files = list(_walk(root, src.include, src.exclude, follow, src.name, skips))
-    for f in tqdm(files, desc=f"ingest {src.name}", unit="file", mininterval=1, leave=False):
-        rel = f.relative_to(root).as_posix()
+FILES_PER_UNIT = 64
+
+
+def read_files(shared: tuple[str, str, int], rels: list[str]) -> tuple[list[dict], list]:
+    """Read, check and hash a run of files (a module-level function: the engine's workers run it).
+    Returns the documents in order and the (reason, path) of each file skipped."""
+    name, root, max_bytes = shared
+    docs, skipped = [], []
+    for rel in rels:
+        f = Path(root) / rel
         try:
             if f.stat().st_size > max_bytes:  # don't read what we'll skip anyway
-                skips.add(src.name, "too_large", rel)
+                skipped.append(("too_large", rel))
                 continue
             data = f.read_bytes()
         except OSError as e:
-            reason = "symlink_loop" if e.errno == 40 else "unreadable"  # ELOOP
-            skips.add(src.name, reason, rel)
+            skipped.append(("symlink_loop" if e.errno == 40 else "unreadable", rel))  # ELOOP
             continue
         text, reason = _decode(data, max_bytes)
         if reason:
-            skips.add(src.name, reason, rel)
+            skipped.append((reason, rel))
             continue
-        yield {"source": src.name, "path": rel, "lang": language(rel), "text": text}
+        docs.append({"id": sha256_text(text), "source": name, "path": rel, "lang": language(rel),
+                     "text": text, "bytes": len(data)})
+    return docs, skipped
+
+
+def _file_docs(src: StdlibSource | DirectorySource, root: Path, max_bytes: int,
+               skips: Skips, engine: Engine) -> Iterator[dict]:
+    follow = getattr(src, "follow_symlinks", False)
+    rels = [f.relative_to(root).as_posix()
+            for f in _walk(root, src.include, src.exclude, follow, src.name, skips)]
+    with tqdm(total=len(rels), desc=f"ingest {src.name}", unit="file", mininterval=1,
+              leave=False, disable=None) as bar:
+        for docs, skipped in engine.map(read_files, chunked(rels, FILES_PER_UNIT),
+                                        (src.name, str(root), max_bytes)):
+            for reason, rel in skipped:
+                skips.add(src.name, reason, rel)
+            yield from docs
+            bar.update(len(docs) + len(skipped))
 
 
 def _table_docs(src: TableSource, max_bytes: int, skips: Skips) -> Iterator[dict]:
@@ -201,15 +222,15 @@ def _hf_docs(src: HFDatasetSource, max_bytes: int, skips: Skips) -> Iterator[dic
         yield {"source": src.name, "path": key, "lang": language(key), "text": text}
 
 
-def source_docs(src, cfg: Ingest, skips: Skips) -> Iterator[dict]:
+def source_docs(src, cfg: Ingest, skips: Skips, engine: Engine) -> Iterator[dict]:
     if src.kind in ("python-stdlib", "python-site-packages"):
         root = sysconfig.get_paths()["stdlib" if src.kind == "python-stdlib" else "purelib"]
-        return _file_docs(src, Path(root), cfg.max_file_bytes, skips)
+        return _file_docs(src, Path(root), cfg.max_file_bytes, skips, engine)
     if src.kind == "directory":
         root = Path(src.path)
         if not root.is_dir():
             raise UserError(f"ingest source '{src.name}': directory not found: {src.path}")
-        return _file_docs(src, root, cfg.max_file_bytes, skips)
+        return _file_docs(src, root, cfg.max_file_bytes, skips, engine)
     if src.kind == "hf-dataset":
         return _hf_docs(src, cfg.max_file_bytes, skips)
     return _table_docs(src, cfg.max_file_bytes, skips)
@@ -223,17 +244,20 @@ def check_sources(cfg: Ingest) -> None:
             raise UserError(f"ingest source '{src.name}': path not found: {p}")
 
 
-def ingest(cfg: Ingest, out_dir: Path) -> dict:
-    """Write out_dir/docs*.parquet; return the metrics dict."""
+def ingest(cfg: Ingest, out_dir: Path, engine: Engine | None = None) -> dict:
+    """Write out_dir/docs*.parquet; return the metrics dict. Files are read by the engine's
+    workers; tables and datasets stream through this process."""
     check_sources(cfg)
     skips = Skips()
     writer = ShardWriter(out_dir, "docs", cfg.shard_bytes)
     per_source = {}
+    engine = engine or Engine(workers=1)
     for src in cfg.sources:
         n = nbytes = 0
-        for doc in source_docs(src, cfg, skips):
-            doc["bytes"] = len(doc["text"].encode("utf-8"))
-            doc["id"] = sha256_text(doc["text"])
+        for doc in source_docs(src, cfg, skips, engine):
+            if "id" not in doc:
+                doc["bytes"] = len(doc["text"].encode("utf-8"))
+                doc["id"] = sha256_text(doc["text"])
             writer.add(doc)
             n += 1
             nbytes += doc["bytes"]

@@ -7,9 +7,14 @@ import json
 import posixpath
 from pathlib import Path
 
-from ..io import ShardWriter, iter_rows, sha256_file, sha256_text
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from .. import io
+from ..io import ShardWriter, sha256_file, sha256_text
 from ..params import Split
 from ..stage import UserError
+from .engine import Engine
 
 SPLITS = ("train", "val", "test")
 
@@ -31,16 +36,34 @@ def group_key(doc: dict, cfg: Split) -> str:
     return doc["id"]
 
 
-def split(in_dir: Path, out_dir: Path, cfg: Split, seed: int, shard_bytes: int) -> dict:
+def split_unit(shared: tuple[Split, int], unit: tuple[str, int]) -> dict:
+    """One row group's documents by split: {split: (table, ids)}. Runs in the engine's workers."""
+    cfg, seed = shared
+    table = io.read_row_group(unit, io.DOC_SCHEMA.names)
+    cols = table.select(["id", "source", "path"]).to_pydict()
+    where = [assign(group_key(dict(zip(cols, vals)), cfg), seed, cfg)
+             for vals in zip(*cols.values())]
+    out = {}
+    for s in SPLITS:
+        mask = pa.array([w == s for w in where], type=pa.bool_())
+        part = table.filter(mask)
+        out[s] = (part, part.column("id").to_pylist())
+    return out
+
+
+def split(in_dir: Path, out_dir: Path, cfg: Split, seed: int, shard_bytes: int,
+          engine: Engine | None = None) -> dict:
     """Write out_dir/{train,val,test}*.parquet and manifest.json; return the manifest."""
     writers = {s: ShardWriter(out_dir, s, shard_bytes) for s in SPLITS}
     ids = {s: [] for s in SPLITS}
     nbytes = dict.fromkeys(SPLITS, 0)
-    for doc in iter_rows(in_dir, "docs"):
-        s = assign(group_key(doc, cfg), seed, cfg)
-        writers[s].add(doc)
-        ids[s].append(doc["id"])
-        nbytes[s] += doc["bytes"]
+    units = io.row_groups(in_dir, "docs")
+    with engine or Engine(workers=1) as eng:
+        for parts in eng.map(split_unit, units, (cfg, seed)):
+            for s, (table, part_ids) in parts.items():
+                writers[s].add_table(table)
+                ids[s] += part_ids
+                nbytes[s] += pa.compute.sum(table.column("bytes")).as_py() or 0
     total = sum(len(v) for v in ids.values())
     for s in SPLITS:
         if not ids[s]:

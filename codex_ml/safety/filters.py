@@ -6,6 +6,8 @@ import hashlib
 import re
 import string
 
+import numpy as np
+
 _ALNUM_RUN = re.compile(r"[^\W_]+")
 _ASCII_ALNUM = (string.ascii_letters + string.digits).encode()
 _TRAILING_WS = re.compile(r"[ \t\r\f\v]+$", re.M)
@@ -40,14 +42,17 @@ def normalized_digest(text: str) -> bytes:
 
 class ExactDedup:
     def __init__(self):
-        self.seen: set[bytes] = set()
+        self.digests: set[bytes] = set()
+
+    def seen(self, digest: bytes) -> bool:
+        """Whether a document with this normalized_digest came before (and remember it)."""
+        if digest in self.digests:
+            return True
+        self.digests.add(digest)
+        return False
 
     def is_duplicate(self, text: str) -> bool:
-        d = normalized_digest(text)
-        if d in self.seen:
-            return True
-        self.seen.add(d)
-        return False
+        return self.seen(normalized_digest(text))
 
 
 class NearDedup:
@@ -62,16 +67,28 @@ class NearDedup:
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.n = 0
 
-    def is_duplicate(self, text: str) -> bool:
+    def signature(self, text: str) -> np.ndarray:
+        """The MinHash of a document's word shingles (its own work: runs in any process)."""
         words = _WORD.findall(text)
         k = min(self.k, max(1, len(words)))
         shingles = {" ".join(words[i:i + k]).encode() for i in range(max(1, len(words) - k + 1))}
-        t = self._template
-        m = self._minhash(num_perm=self.num_perm, seed=t.seed, permutations=t.permutations,
-                          scheme=t.scheme)
+        m = self._new()
         m.update_batch(list(shingles))
+        return m.hashvalues
+
+    def _new(self, hashvalues=None):
+        t = self._template
+        return self._minhash(num_perm=self.num_perm, seed=t.seed, permutations=t.permutations,
+                             scheme=t.scheme, hashvalues=hashvalues)
+
+    def seen(self, signature: np.ndarray) -> bool:
+        """Whether a kept document is this similar (and keep this one's signature if not)."""
+        m = self._new(signature)
         if self.lsh.query(m):
             return True
         self.lsh.insert(str(self.n), m)
         self.n += 1
         return False
+
+    def is_duplicate(self, text: str) -> bool:
+        return self.seen(self.signature(text))

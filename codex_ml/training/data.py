@@ -1,5 +1,7 @@
-"""Pack documents into fixed-length blocks, as run_clm.py's group_texts does: tokenize each document,
-append EOS, concatenate everything and cut into `block_size` pieces (the remainder is dropped)."""
+"""Training blocks. The stage reads them from the tokenize stage's shards (data.tokens.TokenBlocks);
+`pack` makes the same blocks in memory from texts, as run_clm.py's group_texts does (tokenize each
+document, append EOS, concatenate, cut into `block_size` pieces, drop the remainder), for tests and
+benchmarks on a handful of documents."""
 
 from __future__ import annotations
 
@@ -33,28 +35,27 @@ def pack(texts: Iterable[str], tokenizer, block_size: int, batch_docs: int = 256
     return torch.from_numpy(flat[: n * block_size].reshape(n, block_size).copy())
 
 
-def pack_split(split_dir, name: str, tokenizer, block_size: int) -> torch.Tensor:
-    texts = (r["text"] for r in io.iter_rows(split_dir, name, columns=["text"]))
-    return pack(texts, tokenizer, block_size)
-
-
 class Blocks(torch.utils.data.Dataset):
-    """Packed blocks as the dicts the HF Trainer expects; labels = inputs (the model shifts them)."""
+    """Blocks (a LongTensor, or data.tokens.TokenBlocks over memory-mapped shards) as the dicts
+    the HF Trainer expects; labels = inputs (the model shifts them)."""
 
-    def __init__(self, blocks: torch.Tensor):
+    def __init__(self, blocks):
         self.blocks = blocks
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict:
-        x = self.blocks[i]
+        x = torch.as_tensor(self.blocks[i])
         return {"input_ids": x, "labels": x}
 
 
-def evenly_spaced(blocks: torch.Tensor, n: int) -> torch.Tensor:
+def evenly_spaced(blocks, n: int) -> torch.Tensor:
     """At most n blocks spread over the whole split, so a capped val set still covers every part."""
     if len(blocks) <= n:
-        return blocks
-    idx = torch.linspace(0, len(blocks) - 1, n).round().long()
-    return blocks[idx]
+        idx = range(len(blocks))
+    else:
+        idx = torch.linspace(0, len(blocks) - 1, n).round().long().tolist()
+    if isinstance(blocks, torch.Tensor):
+        return blocks[list(idx)]
+    return torch.stack([torch.as_tensor(blocks[i]) for i in idx])

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from .. import io, modeling
+from ..data import tokens
 from ..params import Params
 from ..stage import UserError
 from . import checkpoints, engine, provenance
-from .data import pack_split
 
 log = logging.getLogger("codex.train")
 
@@ -27,26 +27,12 @@ _OPERATIONAL = {"log_every", "save_every", "keep_checkpoints", "num_workers", "d
 
 @dataclass(frozen=True)
 class Paths:
-    splits: Path = Path("data/splits")
+    tokens: Path = Path("data/tokens")
     tokenizer: Path = Path("models/tokenizer")
     out: Path = Path("models/model")
     checkpoints: Path = Path("models/checkpoints")
     live: Path = Path("metrics/train")
     lock: Path = Path("requirements.lock")
-
-
-def tokenizer_hash(path: Path) -> str:
-    files = sorted(f for f in path.rglob("*") if f.is_file())
-    return io.sha256_text("".join(f"{f.relative_to(path)}:{io.sha256_file(f)}\n" for f in files))
-
-
-def read_manifest(splits: Path) -> dict:
-    try:
-        return json.loads((splits / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{splits}/manifest.json not found (run the split stage)") from None
-    except ValueError as e:
-        raise UserError(f"{splits}/manifest.json is not valid JSON: {e}") from None
 
 
 def fingerprint_of(p: Params, manifest: dict, tok_hash: str) -> str:
@@ -83,18 +69,21 @@ def trim_curves(live: Path, step: int) -> None:
 def run(p: Params, paths: Paths = Paths()) -> dict:
     t0 = time.perf_counter()
     rank, ws = engine.world()
-    manifest = read_manifest(paths.splits)
+    manifest = tokens.read_manifest(paths.tokens)
     m, t = p.model, p.train
 
     # With init: pretrained, train_tokenizer has copied the base model's own tokenizer here.
     tokenizer = modeling.load_tokenizer(paths.tokenizer, m.trust_remote_code)
-    tok_hash = tokenizer_hash(paths.tokenizer)
+    tok_hash = tokens.tokenizer_hash(paths.tokenizer)
+    if manifest.get("tokenizer_sha256") != tok_hash:
+        raise UserError(f"{paths.tokens} was made with another tokenizer than {paths.tokenizer}; "
+                        "rerun the tokenize stage (dvc repro tokenize)")
     fp = fingerprint_of(p, manifest, tok_hash)
 
-    train_blocks = pack_split(paths.splits, "train", tokenizer, t.block_size)
-    val_blocks = pack_split(paths.splits, "val", tokenizer, t.block_size)
-    log.info("packed %d train / %d val blocks of %d tokens", len(train_blocks), len(val_blocks),
-             t.block_size)
+    train_blocks = tokens.TokenBlocks(paths.tokens, "train", t.block_size, manifest)
+    val_blocks = tokens.TokenBlocks(paths.tokens, "val", t.block_size, manifest)
+    log.info("%d train / %d val blocks of %d tokens, memory-mapped from %s", len(train_blocks),
+             len(val_blocks), t.block_size, paths.tokens)
     engine.check_data(train_blocks, val_blocks, t)  # before dvclive clears the previous curves
 
     torch.manual_seed(p.seed)  # scratch init is drawn from the seed

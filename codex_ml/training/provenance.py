@@ -68,7 +68,7 @@ tags: [code, codex-pipeline{', lora' if lora else ''}]
 A causal language model for source code, trained by the `train_model` stage of codex-pipeline.
 
 - Initialisation: `{params['model']['init']}`; base model: {base}
-- Data version: `{manifest.get('dataset_version', 'unknown')}` (data/splits/manifest.json)
+- Data version: `{manifest.get('dataset_version', 'unknown')}` (data/splits/manifest.json, data/tokens/manifest.json)
 - Steps: {m.get('steps')}, tokens seen: {m.get('tokens'):,}, best val loss: {val if val is None else f'{val:.4f}'} nats/token
 - Code: git `{prov['git'].get('commit')}`{' (uncommitted changes)' if prov['git'].get('dirty') else ''}
 
