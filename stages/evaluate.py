@@ -1,4 +1,5 @@
-"""Stage evaluate: score the trained model on the test split (bits/byte, accuracy, completions).
+"""Stage evaluate: score the trained model on the test split (bits/byte, accuracy, completions),
+and HumanEval pass@k with the generated code run in a sandbox (eval.humaneval).
 
   python stages/evaluate.py                      # models/model -> data/eval/, metrics/eval.json
   python stages/evaluate.py --model DIR          # any local Hugging Face causal LM, same split
@@ -14,6 +15,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from codex_ml import io, params  # noqa: E402
+from codex_ml.evaluation import sandbox  # noqa: E402
 from codex_ml.evaluation.pipeline import evaluate_model, load_model  # noqa: E402
 from codex_ml.stage import run  # noqa: E402
 
@@ -30,6 +32,8 @@ def main() -> None:
     ap.add_argument("--metrics", default="metrics/eval.json")
     a = ap.parse_args()
     p = params.load(a.params)
+    if p.eval.humaneval.enabled:
+        sandbox.check()  # no sandbox, no pass@k: refused before any work (exit 2)
     model, tok = load_model(a.model, a.tokenizer)
     with io.atomic_dir(a.out) as tmp:
         m = evaluate_model(model, tok, a.splits, tmp, p)
@@ -42,6 +46,12 @@ def main() -> None:
              b["ci_low"], b["ci_high"], m["baselines"]["gzip_bits_per_byte"]["value"],
              m["baselines"]["xz_bits_per_byte"]["value"], m["top1_accuracy"]["value"],
              (c.get("exact_match_line") or {}).get("value", "n/a"), a.metrics)
+    if m["humaneval"]["enabled"]:
+        h = m["humaneval"]
+        log.info("evaluate: HumanEval %d problems x %d: %s; canonical solutions pass@1 %.3f",
+                 h["problems"], h["samples_per_problem"],
+                 ", ".join(f"{k} {v:.3f}" for k, v in h.items() if k.startswith("pass@")),
+                 h["canonical"]["pass@1"])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from .. import io
 from ..params import Params
 from ..stage import UserError
-from . import completion
+from . import completion, humaneval
 from .baselines import compressed_bits
 from .bootstrap import mean_ci, ratio_ci
 from .lm import Scorer, context_length
@@ -120,6 +120,13 @@ def evaluate_model(model, tok, splits_dir: str | Path, out_dir: Path, p: Params)
         comp = {k: (_ci(comp_ci[k]) if k in comp_ci else v) for k, v in comp.items()}
     t_comp = time.perf_counter() - t1
 
+    # Generated code runs only in the sandbox (separate processes); none of it in this one.
+    he_records, he = humaneval.evaluate(model, tok, e.humaneval, ctx, p.seed)
+    if he_records:
+        with open(out_dir / "humaneval.jsonl", "w") as f:
+            for r in he_records:
+                f.write(json.dumps(r) + "\n")
+
     pq.write_table(pa.table({
         **meta, "tokens": s.tokens, "nll_bits": (nll / LN2).tolist(), "top1": s.top1, "top5": s.top5,
         "bits_per_byte": (nll / LN2 / np.maximum(nbytes, 1)).tolist()}), out_dir / "docs.parquet")
@@ -143,6 +150,7 @@ def evaluate_model(model, tok, splits_dir: str | Path, out_dir: Path, p: Params)
         "bytes_per_token": cis["bytes_per_token"][0],
         "baselines": {"gzip_bits_per_byte": _ci(cis["gzip"]), "xz_bits_per_byte": _ci(cis["xz"])},
         "completion": {"samples": len(preds), **comp},
+        "humaneval": he,
         "setup": {"context": ctx, "stride": stride, "bootstrap": e.bootstrap,
                   "parameters": sum(x.numel() for x in model.parameters()), "vocab_size": len(tok)},
         "timing": {"lm_seconds": round(t_lm, 2), "baseline_seconds": round(t_zip, 2), "completion_seconds": round(t_comp, 2),
