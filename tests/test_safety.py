@@ -36,7 +36,7 @@ POSITIVES = [
     ("aws_access_key", 'key = "ASIA' + "Y3FQ7ZJ2KXW4NB6M" + '"', "ASIAY3FQ7ZJ2KXW4NB6M"),
     ("aws_secret_key", "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
      "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
-    ("google_api_key", "GOOGLE_KEY='AIza" + "SyD8x" + "b" * 30 + "'", "AIzaSyD8x" + "b" * 30),
+    ("google_api_key", "GOOGLE_KEY='AIza" + (gk := "SyD8x" + rand(30, ALNUM + "_-")) + "'", "AIza" + gk),
     ("azure_storage_key", "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey="
      + (k := rand(86, ALNUM + "+/") + "==") + ";EndpointSuffix=core.windows.net", k),
     ("github_token", "token: ghp_" + (t := rand(36)), "ghp_" + t),
@@ -59,6 +59,8 @@ POSITIVES = [
     ("huggingface_token", "HF_TOKEN = 'hf_" + (h := rand(34)) + "'", "hf_" + h),
     ("jwt", "Authorization: eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
      "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"),
+    ("twitter_bearer_token", "TWITTER_BEARER=" + (tb := "A" * 22 + rand(12) + "%2B" + rand(60)),
+     tb),
     ("bearer_token", "headers = {'Authorization': 'Bearer 7f3k9" + (b := rand(40)) + "'}", b),
     ("private_key", f"-----BEGIN RSA PRIVATE KEY-----\n{PEM_BODY}\n-----END RSA PRIVATE KEY-----",
      PEM_BODY[:64]),
