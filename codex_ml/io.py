@@ -186,7 +186,8 @@ def row_groups(directory: str | os.PathLike, name: str) -> list[tuple[str, int]]
             n = pq.ParquetFile(p).metadata.num_row_groups
         except Exception as e:  # pyarrow's errors for a damaged footer vary; any of them means corrupt
             raise UserError(f"corrupt Parquet file {p}: {str(e).splitlines()[0]}") from None
-        units += [(str(p), i) for i in range(n)]
+        # Absolute: a Ray task runs in a directory of its own (on a cluster: the same shared mount).
+        units += [(os.path.abspath(p), i) for i in range(n)]
     return units
 
 

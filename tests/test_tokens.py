@@ -168,3 +168,47 @@ def test_uint32_shards_for_a_large_vocabulary(tmp_path):
     (sh,) = w.close()
     assert np.fromfile(tmp_path / sh["bin"], dtype="<u4").tolist() == [70000, 2, 5, 6, 2]
     assert np.fromfile(tmp_path / sh["idx"], dtype="<u8").tolist() == [0, 2, 5]
+
+
+@pytest.fixture
+def ray_head():
+    """A real one-node Ray cluster on 127.0.0.1 (2 CPUs), stopped after the test."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    ray = Path(sys.executable).parent / "ray"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                    f"--temp-dir={tmp}"], check=True, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_sanitize_and_tokenize_on_a_ray_cluster_give_the_local_engines_bytes(
+        pipeline_data, tmp_path, ray_head):
+    d = pipeline_data["dir"]
+    cfg = Sanitize(policy=str(ROOT / "configs/safety_policy.yaml"))
+    with Engine("ray", ray_address=ray_head) as ray_engine:
+        m = sanitize_table(d / "raw", tmp_path / "san", cfg, engine=ray_engine)
+        T.tokenize(d / "splits", d / "tok", tmp_path / "tok", 50_000, ray_engine)
+    assert m["engine"].startswith("ray engine")
+    assert files(tmp_path / "san") == files(d / "san")
+    T.tokenize(d / "splits", d / "tok", tmp_path / "local", 50_000, Engine(workers=2))
+    assert files(tmp_path / "tok") == files(tmp_path / "local")
+
+
+def test_ray_without_an_address_is_a_one_line_error(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UserError, match="no cluster address; set data.ray_address or RAY_ADDRESS"):
+        list(Engine("ray").map(T.encode_unit, [("x", 0)], None))

@@ -89,7 +89,7 @@ class Engine:
         ray = self._ray()
         remote = ray.remote(num_cpus=1)(fn)
         ref = ray.put(shared)  # once into the object store; each node fetches it once
-        window = max(window, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        window = max(window, 2 * self.workers)
         yield from _windowed(lambda u: remote.remote(ref, u), ray.get, units, window)
 
     def _ray(self):
@@ -114,8 +114,8 @@ class Engine:
                 raise UserError(f"data.engine = ray: cannot connect to the cluster at {address}: "
                                 f"{str(e).splitlines()[0][:200]}") from None
             self._stack.callback(ray.shutdown)
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            log.info("ray cluster at %s: %d CPUs", address, cpus)
+            self.workers = int(ray.cluster_resources().get("CPU", 1))  # what describe() reports
+            log.info("ray cluster at %s: %d CPUs", address, self.workers)
         return ray
 
 

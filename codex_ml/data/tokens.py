@@ -18,6 +18,7 @@ on the split's documents, the tokenizer and shard_tokens, never on the engine or
 from __future__ import annotations
 
 import json
+import os
 import logging
 import time
 from pathlib import Path
@@ -140,7 +141,7 @@ def tokenize(splits: str | Path, tokenizer_dir: str | Path, out: str | Path, sha
     # the ids `tok(text, add_special_tokens=False)` does when it encodes special tokens' text as
     # text, as the tokenizer's split_special_tokens says.
     backend = getattr(tok, "backend_tokenizer", None)
-    shared = (backend.to_str() if backend is not None else None, str(tokenizer_dir),
+    shared = (backend.to_str() if backend is not None else None, os.path.abspath(tokenizer_dir),
               bool(backend is not None and backend.encode_special_tokens), tok.eos_token_id)
     vocab = len(tok)
     dtype = "uint16" if vocab <= 1 << 16 else "uint32"
