@@ -338,9 +338,11 @@ for prefix, length in (("4", 16), ("4", 13), ("4", 19), ("51", 16), ("55", 16), 
     n = card(prefix, length)
     sizes = {13: (4, 4, 5), 14: (4, 6, 4), 15: (4, 6, 5), 16: (4, 4, 4, 4), 17: (4, 4, 4, 5),
              18: (4, 4, 4, 6), 19: (4, 4, 4, 4, 3)}[length]
+    spaced, dashed = grouped(n, sizes, " "), grouped(n, sizes, "-")
+    add("credit_card", spaced, {"spaced": f"Card: {spaced} exp 09/29\n",
+                                "spaced-prose": f"Charge it to {spaced}, please.\n"})
+    add("credit_card", dashed, {"dashed": f'    "pan": "{dashed}",\n'})
     add("credit_card", n, {
-        "spaced": f"Card: {grouped(n, sizes, ' ')} exp 09/29\n",
-        "dashed": f'    "pan": "{grouped(n, sizes, "-")}",\n',
         "bare-json": f'{{"card_number": "{n}", "exp_month": 9, "exp_year": 2029}}\n',
         "bare-python": f'CARD_NUMBER = "{n}"\n',
         "bare-multiline": f'payment = {{\n    "type": "card",\n    "number": "{n}",\n'

@@ -296,3 +296,64 @@ def test_near_dedup():
     assert not nd.is_duplicate(base)
     assert nd.is_duplicate(edited)
     assert not nd.is_duplicate(other)
+
+
+# ---------------------------------------------------------------- labelled corpus (issue 23)
+def corpus_scores(redactor):
+    """Per-kind recall over secrets_corpus.POSITIVES, and the must-keep texts that changed."""
+    from secrets_corpus import KEEP, POSITIVES
+
+    found, total, missed = {}, {}, []
+    for case in POSITIVES:
+        res = redactor(case.text)
+        hit = case.secret not in res.text and res.counts[case.kind] >= 1
+        total[case.kind] = total.get(case.kind, 0) + 1
+        found[case.kind] = found.get(case.kind, 0) + hit
+        if not hit:
+            missed.append((case.kind, case.syntax, case.text))
+    damaged = [(family, text) for family, text in KEEP if redactor(text).text != text]
+    return {k: found[k] / total[k] for k in total}, missed, damaged
+
+
+@pytest.fixture(scope="module")
+def scores():
+    """Scored once with the redactor the stage builds (the default policy over the built-ins)."""
+    return corpus_scores(Redactor(build_rules(load_policy("configs/safety_policy.yaml"))))
+
+
+def test_corpus_covers_every_rule_and_syntax():
+    from secrets_corpus import KEEP, POSITIVES
+
+    assert {r.id for r in BUILTIN_RULES} == {c.kind for c in POSITIVES}
+    syntaxes = {c.syntax.split("-")[0] for c in POSITIVES}
+    assert {"python", "js", "ts", "go", "java", "yaml", "json", "ini", "env", "shell", "dockerfile",
+            "terraform", "xml", "comment", "prose", "multiline"} <= syntaxes
+    assert len(POSITIVES) > 3000 and len(KEEP) > 500
+
+
+def test_corpus_recall_per_kind(scores):
+    recall, missed, _ = scores
+    low = {k: round(v, 4) for k, v in recall.items() if v < 0.99}
+    assert not low, (low, missed[:20])
+
+
+def test_corpus_must_keep_unchanged(scores):
+    _, _, damaged = scores
+    assert not damaged, damaged[:20]
+
+
+def test_corpus_through_the_sanitizer():
+    """The stage's per-document path (quality filters off so every short case is scanned)."""
+    from secrets_corpus import KEEP, POSITIVES
+
+    from codex_ml.params import Sanitize
+    from codex_ml.safety.sanitize import Sanitizer
+
+    s = Sanitizer(Sanitize(policy="configs/safety_policy.yaml", min_chars=0, dedup=False,
+                           min_alnum_fraction=0.0))
+    for case in POSITIVES[::7]:
+        out = s({"id": "", "source": "c", "path": "x", "lang": "", "text": case.text, "bytes": None})
+        assert out is not None and case.secret not in out["text"], case
+    for _, text in KEEP:
+        out = s({"id": "", "source": "c", "path": "x", "lang": "", "text": text, "bytes": None})
+        assert out is not None and out["text"] == text, text
