@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_utils import ROOT, SMALL, deep_update
+from pipeline_utils import ROOT, SMALL, deep_update, stage_script
 
 pytestmark = pytest.mark.slow
-ORDER = ["ingest", "sanitize", "split", "train_tokenizer", "train_model", "evaluate"]
+ORDER = ["ingest", "sanitize", "split", "train_tokenizer", "tokenize", "train_model", "evaluate"]
 
 
 def stage(ws: Path, name: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), *args], cwd=ws,
+    return subprocess.run([sys.executable, str(stage_script(name)), *args], cwd=ws,
                           capture_output=True, text=True, timeout=600,
                           env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                                "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
@@ -102,7 +102,13 @@ CASES = [
                                                            "test": 0.0005}}}), "would be empty"),
     ("missing-policy-file", "sanitize",
      lambda ws: write_params(ws, {"sanitize": {"policy": "configs/nope.yaml"}}), "policy file"),
-    ("missing-splits", "train_model", lambda ws: shutil.rmtree(ws / "data/splits"), "data/splits"),
+    ("missing-tokens", "train_model", lambda ws: shutil.rmtree(ws / "data/tokens"),
+     "data/tokens/manifest.json not found"),
+    ("missing-splits", "tokenize", lambda ws: shutil.rmtree(ws / "data/splits"), "data/splits"),
+    ("tokens-of-another-tokenizer", "train_model",
+     lambda ws: (ws / "models/tokenizer/tokenizer_config.json").write_text(
+         (ws / "models/tokenizer/tokenizer_config.json").read_text() + " "),
+     "made with another tokenizer"),
     ("fused-loss-with-lora-on-lm-head", "train_model",
      lambda ws: write_params(ws, {"model": {"init": "pretrained", "base": "models/model", "lora": {
          "enabled": True, "target_modules": ["q_proj", "lm_head"]}}, "train": {"loss": "fused"}}),

@@ -21,7 +21,7 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
     r = subprocess.run(
         [sys.executable, ROOT / "bench" / "bench_train_gpu.py", "--cpu-smoke", "--seq", "64",
          "--steps", "12", "--skip", "4", "--profile", "2", "--sync-debug",
-         "--tokenizer", workspace / "models" / "tokenizer", "--splits", workspace / "data" / "splits",
+         "--tokenizer", workspace / "models" / "tokenizer", "--tokens", workspace / "data" / "tokens",
          "--variants", "baseline,baseline-causal=causal:1,engine,"
          "engine-blocking=blocking_copy:1+rope_table:0+loss:fused"
          "+inductor:coordinate_descent_tuning/triton.mix_order_reduction=0+clip:unfused+residual:fp32"
@@ -45,7 +45,7 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
     r = subprocess.run(
         [sys.executable, ROOT / "bench" / "bench_train_gpu.py", "--cpu-smoke", "--seq", "64",
          "--steps", "12", "--skip", "4", "--tokenizer", workspace / "models" / "tokenizer",
-         "--splits", workspace / "data" / "splits", "--variants", "engine", "--baseline-from", out,
+         "--tokens", workspace / "data" / "tokens", "--variants", "engine", "--baseline-from", out,
          "--out", out2], capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads(out2.read_text())["rows"]
@@ -62,7 +62,7 @@ def test_gpu_benchmark_runs_the_engine_under_torchrun(workspace, tmp_path):  # n
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          ROOT / "bench" / "bench_train_gpu.py", "--cpu-smoke", "--seq", "64", "--steps", "12",
          "--skip", "4", "--profile", "2", "--tokenizer", workspace / "models" / "tokenizer",
-         "--splits", workspace / "data" / "splits", "--variants",
+         "--tokens", workspace / "data" / "tokens", "--variants",
          "baseline,engine,engine-copy=bucket_view:0", "--out", out],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})

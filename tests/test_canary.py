@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline_utils import ROOT, deep_update
+from pipeline_utils import ROOT, deep_update, stage_script
 from test_safety import POSITIVES
 
 pytestmark = pytest.mark.slow
 
 
 def stage(ws, name, *args):
-    r = subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), *args], cwd=ws,
+    r = subprocess.run([sys.executable, str(stage_script(name)), *args], cwd=ws,
                        capture_output=True, text=True, timeout=900,
                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
                             "TOKENIZERS_PARALLELISM": "false"})
@@ -60,13 +60,15 @@ def run(tmp_path_factory):
                   "warmup_steps": 10, "eval_every": 160, "save_every": 160, "log_every": 50},
     })
     (ws / "params.yaml").write_text(yaml.safe_dump(p))
-    for s in ["ingest", "sanitize", "split", "train_tokenizer", "train_model"]:
+    for s in ["ingest", "sanitize", "split", "train_tokenizer", "tokenize", "train_model"]:
         stage(ws, s)
     # Control: the same stages on the raw, unsanitized documents.
     stage(ws, "split", "--input", "data/raw", "--output", "data/splits_raw", "--metrics", "/dev/null")
     stage(ws, "train_tokenizer", "--splits", "data/splits_raw", "--output", "models/tok_raw",
           "--metrics", "/dev/null")
-    stage(ws, "train_model", "--splits", "data/splits_raw", "--tokenizer", "models/tok_raw",
+    stage(ws, "tokenize", "--splits", "data/splits_raw", "--tokenizer", "models/tok_raw",
+          "--output", "data/tokens_raw", "--metrics", "/dev/null")
+    stage(ws, "train_model", "--tokens", "data/tokens_raw", "--tokenizer", "models/tok_raw",
           "--out", "models/model_raw", "--checkpoints", "models/ck_raw", "--metrics", "/dev/null",
           "--live", "metrics/train_raw")
     assert (ws / "metrics" / "train_raw" / "metrics.json").exists()  # not over the first run's curves

@@ -10,7 +10,8 @@ import yaml
 from pipeline_utils import BIN, dvc, env, git, make_repo, ran_stages, set_params
 
 pytestmark = pytest.mark.slow
-ALL = ["ingest", "sanitize", "split", "train_tokenizer", "train_model", "evaluate", "report"]
+ALL = ["ingest", "sanitize", "split", "train_tokenizer", "tokenize", "train_model", "evaluate",
+       "report"]
 DATA_OUTS = ["data/raw", "data/sanitized", "data/splits", "models/tokenizer"]
 
 
