@@ -137,7 +137,7 @@ def corpus_scores() -> tuple[dict, dict]:
             counts = s.redactions.copy()
             out = s({"id": "", "source": "b", "path": "x", "lang": "", "text": text, "bytes": None})
             ours_kept += out is not None and out["text"] == text
-            for kind, n in (s.redactions - counts).items():
+            for kind in s.redactions - counts:
                 fp[kind] = fp.get(kind, 0) + 1
             p = Path(d) / f"keep{i:05d}.txt"
             p.write_text(text)

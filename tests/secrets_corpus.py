@@ -188,8 +188,9 @@ for path in ("services", "workflows", "triggers"):
     for scheme in ("https://", ""):
         add("slack_webhook", scheme + hook, embedded(scheme + hook, "SLACK_WEBHOOK_URL"))
 
-for t in (f"xoxb-{digits(12)}-{digits(13)}-{r(24)}", f"xoxp-{digits(12)}-{digits(12)}-"
-          f"{digits(13)}-{r(32, HEX)}", f"xoxe.xoxp-1-{r(140, B62)}", f"xoxe-1-{r(140, B62)}",
+for t in (f"xoxb-{digits(12)}-{digits(13)}-{r(24)}",
+          f"xoxp-{digits(12)}-{digits(12)}-{digits(13)}-{r(32, HEX)}",
+          f"xoxe.xoxp-1-{r(140, B62)}", f"xoxe-1-{r(140, B62)}",
           f"xapp-1-A{r(10, UPPER + DIGITS)}-{digits(13)}-{r(64, HEX)}",
           f"xoxa-2-{digits(12)}-{digits(12)}-{r(32, HEX)}"):
     add("slack_token", t, embedded(t, "SLACK_BOT_TOKEN"))
@@ -271,7 +272,8 @@ def password(n: int | None = None) -> str:
 
 URL_PW = B62 + "-._~!$&*+"
 for scheme, host in (("postgresql", "db.prod.internal:5432/orders"), ("postgres", "db.example.org/app"),
-                     ("mysql", "mysql.corp.acme.io:3306/shop"), ("mongodb+srv", "cluster0.ab1cd.mongodb.net/prod"),
+                     ("mysql", "mysql.corp.acme.io:3306/shop"),
+                     ("mongodb+srv", "cluster0.ab1cd.mongodb.net/prod"),
                      ("redis", "cache.internal:6379/0"), ("amqp", "rabbit.local:5672/"),
                      ("https", "git.acme-corp.io/team/repo.git"), ("smtp", "mail.acme-corp.io:587"),
                      ("jdbc:mysql", "10.0.3.7:3306/billing"), ("ftp", "files.localhost/upload")):
@@ -369,7 +371,8 @@ for _ in range(6):
 
 for _ in range(4):
     local = f"{r(5, LOWER)}.{r(6, LOWER)}"
-    dom = f"{r(6, LOWER)}-{rng.choice(['corp', 'labs', 'systems'])}.{rng.choice(['io', 'com', 'de', 'co.uk'])}"
+    dom = f"{r(6, LOWER)}-{rng.choice(['corp', 'labs', 'systems'])}."
+    dom += rng.choice(["io", "com", "de", "co.uk"])
     e = f"{local}@{dom}"
     add("email", e, {"python": f'MAINTAINER = "{e}"\n', "json": f'{{"author": "J Doe <{e}>"}}\n',
                      "yaml": f"contact: {e}\n", "git": f"Author: Jo Doe <{e}>\n",
@@ -395,7 +398,8 @@ for p in (f"+55 11 9{r(4, DIGITS)} {r(4, DIGITS)}", f"+44 20 7{r(3, DIGITS)} {r(
           f"0{r(2, '12345678')}-{r(3, DIGITS)}-{r(4, DIGITS)}"):
     add("phone", p, {"json": f'{{"name": "Ana", "phone": "{p}"}}\n', "yaml": f"  mobile: '{p}'\n",
                      "vcard": f"TEL;TYPE=cell:{p}\n", "prose": f"reach me on {p} (mobile)\n"})
-for p in (f"020 7{r(3, DIGITS)} {r(4, DIGITS)}", f"01 {r(2, DIGITS)} {r(2, DIGITS)} {r(2, DIGITS)} {r(2, DIGITS)}",
+for p in (f"020 7{r(3, DIGITS)} {r(4, DIGITS)}",
+          f"01 {r(2, DIGITS)} {r(2, DIGITS)} {r(2, DIGITS)} {r(2, DIGITS)}",
           f"(030) {r(4, DIGITS)} {r(4, DIGITS)}"):
     add("phone", p, {"prose": f"Tel: {p}\n", "yaml": f"phone: {p}\n"})
 
@@ -412,7 +416,8 @@ for _ in range(4):
     small = ".".join(str(rng.randint(1, 99)) for _ in range(4))
     for addr in (ip, small) if ipaddress.IPv4Address(small).is_global else (ip,):
         add("ip_address", addr, {
-            "yaml": f"server: {addr}\n", "python": f'HOST = "{addr}"\n', "url": f"curl http://{addr}:8080/health\n",
+            "yaml": f"server: {addr}\n", "python": f'HOST = "{addr}"\n',
+            "url": f"curl http://{addr}:8080/health\n",
             "log": f'{addr} - - [10/Oct/2025:13:55:36 +0000] "GET / HTTP/1.1" 200\n',
             "alone": f"{addr}\n", "list": f"allowed:\n  - {addr}\n",
             "nginx": f"    allow {addr};\n", "ini": f"bind_address = {addr}\n",
@@ -456,7 +461,8 @@ for prefix, n in VENDOR_SHAPES.items():
 keep("documented-example",
      "hooks: https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX\n",
      "curl -X POST https://hooks.slack.com/workflows/T00000000/A00000000/000000000000000000/XXXXXXXXXXXX\n",
-     'SLACK_BOT_TOKEN="xoxb-your-token"\n', "export SLACK_TOKEN=xoxb-0000000000-0000000000000-XXXXXXXXXXXXXXXXXXXXXXXX\n",
+     'SLACK_BOT_TOKEN="xoxb-your-token"\n',
+     "export SLACK_TOKEN=xoxb-0000000000-0000000000000-XXXXXXXXXXXXXXXXXXXXXXXX\n",
      "UseDevelopmentStorage=true;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUz"
      "FT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;\n",
      "aws_secret_access_key = <YOUR_SECRET_ACCESS_KEY>\n",
@@ -472,8 +478,10 @@ keep("documented-example",
      'PEM_HEADER = "-----BEGIN RSA PRIVATE KEY-----"\nPEM_FOOTER = "-----END RSA PRIVATE KEY-----"\n',
      'if line.startswith("-----BEGIN PRIVATE KEY-----"):\n    in_key = True\n',
      'MARKERS = ("-----BEGIN EC PRIVATE KEY-----", "-----END EC PRIVATE KEY-----")\n',
-     "-----BEGIN PUBLIC KEY-----\n" + "\n".join(r(64, B64) for _ in range(4)) + "\n-----END PUBLIC KEY-----\n",
-     "-----BEGIN CERTIFICATE-----\n" + "\n".join(r(64, B64) for _ in range(4)) + "\n-----END CERTIFICATE-----\n",
+     "-----BEGIN PUBLIC KEY-----\n" + "\n".join(r(64, B64) for _ in range(4))
+     + "\n-----END PUBLIC KEY-----\n",
+     "-----BEGIN CERTIFICATE-----\n" + "\n".join(r(64, B64) for _ in range(4))
+     + "\n-----END CERTIFICATE-----\n",
      'GITLAB_TOKEN="glpat-<your_access_token>"\n', "TWINE_PASSWORD=pypi-AgEIcHlwaS5vcmc...\n",
      "Authorization: Bearer <token>\n", "Authorization: Bearer YOUR_ACCESS_TOKEN_HERE\n",
      'headers = {"Authorization": f"Bearer {token}"}\n', "Authorization: Bearer $GITHUB_TOKEN\n",
@@ -483,7 +491,8 @@ keep("url-template",
      "amqp://guest:guest@localhost:5672/\n", "mysql://root:${MYSQL_ROOT_PASSWORD}@db:3306/app\n",
      "mongodb+srv://admin:<password>@cluster0.mongodb.net/test\n", 'url = "%s://%s:%s@%s/%s"\n',
      'dsn = f"postgresql://{user}:{password}@{host}:{port}/{db}"\n', "redis://:changeme@redis:6379/0\n",
-     "https://USERNAME:TOKEN@github.com/org/repo.git\n", "https://oauth2:$GITLAB_TOKEN@gitlab.com/group/p.git\n",
+     "https://USERNAME:TOKEN@github.com/org/repo.git\n",
+     "https://oauth2:$GITLAB_TOKEN@gitlab.com/group/p.git\n",
      "ssh://git@github.com:22/org/repo.git\n", "http://[2001:db8::1]:8080/index.html\n",
      "DATABASE_URL=postgres://app:your_password_here@db.internal/app\n",
      "smtp://apikey:xxxxxxxxxxxxxxxx@smtp.sendgrid.net:587\n")
@@ -493,7 +502,8 @@ keep("assignment-code",
      'password = "changeme"\n', 'password: "<your password>"\n', "PASSWORD=your_password_here\n",
      "secret: REPLACE_ME\n", 'token = ""\n', "token = None\n", "api_key: str = Field(..., env='API_KEY')\n",
      "client = Client(api_key=api_key)\n", 'if password == "":\n    raise ValueError\n',
-     "password: str | None = None\n", "PASSWORD_MIN_LENGTH = 12\n", 'token_url = "https://auth.acme-corp.io/oauth/token"\n',
+     "password: str | None = None\n", "PASSWORD_MIN_LENGTH = 12\n",
+     'token_url = "https://auth.acme-corp.io/oauth/token"\n',
      'private_key_path = "~/.ssh/id_ed25519"\n', "credentials_file: ~/.aws/credentials\n",
      "def run(self):\n    pass\n", "bypass = True\n", 'compass = "north-by-northwest"\n',
      '"forgotPassword": "Forgot your password?",\n', '"password": "Password",\n',
@@ -506,7 +516,8 @@ keep("assignment-code",
      '<password>${env.MAVEN_PASSWORD}</password>\n', "db.password=${DB_PASSWORD}\n",
      "  --password-stdin < token.txt\n", 'help="the password to use for the login"\n',
      'raise AuthError("password is incorrect")\n', "passwords = [p for p in rows if p]\n",
-     'token_type_hint = "refresh_token"\n', 'assert token.startswith("ghp_")\n', 'secret_key_base: <%= ENV["SECRET_KEY_BASE"] %>\n',
+     'token_type_hint = "refresh_token"\n', 'assert token.startswith("ghp_")\n',
+     'secret_key_base: <%= ENV["SECRET_KEY_BASE"] %>\n',
      "api_key = settings.OPENAI_API_KEY\n", 'grant_type = "client_credentials"\n',
      'with open(token_path) as f:\n    token = f.read().strip()\n',
      "SECRET_KEY = env('DJANGO_SECRET_KEY')\n", "password_validators = [MinimumLengthValidator(12)]\n",
@@ -532,3 +543,20 @@ keep("look-alike",
      "card: 4242 4242 4242 4242\n", "card_number = '4111111111111111'\n",
      "  [0, 12, 34, 56, 78, 90]\n", "row = '123 45 6789 000'\n", "range(100000, 999999)\n",
      "port 8080, pid 23456, uid 1000\n")
+# Shapes that real packages hold (site-packages and stdlib runs of the rules), rewritten.
+keep("real-code",
+     "def derive(hash_alg: HashType, passphrase: BytesOrStr, salt: bytes,\n",
+     "        private_key: PKCS7PrivateKeyTypes,\n", "    pass_dict: _PassDictsType,\n",
+     'elif self.next_token_ == "UseMarkFilteringSet":\n', "if pass_arg == \"environment\":\n",
+     "elif self.secrets_dir_missing == 'error':\n", "FILTERS = {'pass': 'bandpass', 'stop': 'bandstop'}\n",
+     '    "GPT2Tokenizer": GPT2Converter,\n', "MBart50TokenizerFast = MBart50Tokenizer\n",
+     'self, creds: "GenerateTemporaryTableCredentialResponse"\n',
+     "    remote_addr=\"1.2.3.4\"\n", ">>> vtor.check('ip_addr_list', ('1.2.3.4', '5.6.7.8'))\n",
+     '    STREET_ADDRESS = ObjectIdentifier("2.5.4.9")\n',
+     '        assert url == "https://jo%40email.com:a%20secret@www.example.com"\n',
+     "    # e.g. sqla+mysql://root:masterkey@localhost/\n", "    sqla+mysql://scott:tiger@localhost/foo\n",
+     '    proxy_url="socks5h://<username>:<password>@proxy-host"\n',
+     "    32-bit PCM             -2147483648  +2147483647  int32\n",
+     "    Examples of version numbers:\n\n        1.5.2b2\n        2.7.2.2\n        3.1.1.6\n        2g6\n",
+     "-----BEGIN OPENSSH PRIVATE KEY-----\"\n_SK_END = b\"-----END OPENSSH PRIVATE KEY-----\"\n\n"
+     "def load(data):\n    return _PEM_RC.search(data)\n")

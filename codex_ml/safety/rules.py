@@ -2,15 +2,19 @@
 
 Each rule is a regex plus, optionally, `keywords` (literals: the regex runs only on the lines holding
 one of them, so the common secret-free document costs a few substring searches; case-insensitive
-rules look for them in the lowercased text) and `check`, a function of the match that rejects look-alikes (Luhn for cards, reserved
-domains for emails, public ranges for IPs, placeholder values for assignments). When the pattern has
-a group named `value`, only that group is replaced; otherwise the whole match is.
+rules look for them in the lowercased text) and `check`, a function of the match that rejects
+look-alikes: Luhn for cards, reserved domains for emails, public ranges for IPs, and for vendor
+tokens, URL passwords and assignments one `placeholder()` test (fillers, templates, placeholder
+words, documented values). When the pattern has a group named `value`, only that group is
+replaced; otherwise the whole match is. tests/secrets_corpus.py is the labelled corpus they answer to.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,9 +47,9 @@ def _line_of(s: str, i: int) -> tuple[int, int]:
 RESERVED_DOMAINS = ("example.com", "example.org", "example.net", "example.edu", "localhost")
 RESERVED_TLDS = ("example", "test", "invalid", "localhost", "local", "internal")
 # `image@2x.png`, `module@1.2.tar.gz`, `sd_IN@devanagari.UTF-8`: file names and locales.
-NOT_TLDS = {"utf", "utf8", "iso", "euro", "png", "jpg", "jpeg", "gif", "svg", "webp", "py", "pyc", "js", "ts", "css", "html",
-             "txt", "md", "rst", "json", "yaml", "yml", "toml", "gz", "zip", "tar", "whl", "so",
-             "dll", "exe", "c", "h", "cpp", "rs", "go", "java", "lock"}
+NOT_TLDS = {"utf", "utf8", "iso", "euro", "png", "jpg", "jpeg", "gif", "svg", "webp", "py", "pyc",
+            "js", "ts", "css", "html", "txt", "md", "rst", "json", "yaml", "yml", "toml", "gz",
+            "zip", "tar", "whl", "so", "dll", "exe", "c", "h", "cpp", "rs", "go", "java", "lock"}
 
 
 def reserved_host(host: str) -> bool:
@@ -69,7 +73,7 @@ def _email_ok(m: re.Match) -> bool:
                 or domain in PROTOCOL_DOMAINS or local in SERVICE_USERS)
 
 
-_NOT_IP_BEFORE = re.compile(r"(?i)(?:\b(?:version|ver|release|v|oid|sections?|rfc\d*|spec|"
+_NOT_IP_BEFORE = re.compile(r"(?i)(?:identifier|\b(?:version|ver|release|v|oid|sections?|rfc\d*|spec|"
                             r"chapter|step)|==|>=|<=|~=|§|#|-)[\s:=\"'(\[]*$")
 _IP_CONTEXT = re.compile(r"(?i)(?<![a-z])(?:ip|ipv4|addr|address(?:es)?|host(?:name)?s?|server|client|"
                          r"remote|peer|connect(?:ed|ion)?|socket|inet|dns|nameserver|proxy|"
@@ -82,19 +86,23 @@ _IP_CONTEXT = re.compile(r"(?i)(?<![a-z])(?:ip|ipv4|addr|address(?:es)?|host(?:n
 _ALONE = re.compile(r"(?:[ \t]*-[ \t]+)?[\"']?(?:\d{1,3}\.){3}\d{1,3}[\"']?,?[ \t]*")
 
 
+# The addresses every tutorial and test suite uses as its example.
+EXAMPLE_IPS = {"1.2.3.4", "4.3.2.1", "5.6.7.8", "8.7.6.5", "2.3.4.5", "6.7.8.9", "1.1.1.2"}
+
+
 def _ip_ok(m: re.Match) -> bool:
     try:
         ip = ipaddress.IPv4Address(m.group(0))
     except ValueError:
         return False
-    if not ip.is_global or ip.is_multicast or ip.is_reserved:
+    if not ip.is_global or ip.is_multicast or ip.is_reserved or str(ip) in EXAMPLE_IPS:
         return False  # private, loopback, link-local, documentation (192.0.2/24 ...), reserved
     s = m.string
     ls, le = _line_of(s, m.start())
     if _ALONE.fullmatch(s, ls, le):
         # An address alone on a line (a hosts or allow list), unless it is an rst heading.
         return not re.match(r"\n[=~^-]{4,}\s*(?:\n|$)", s[le:le + 80])
-    if _NOT_IP_BEFORE.search(s, max(0, m.start() - 12), m.start()):
+    if _NOT_IP_BEFORE.search(s, max(0, m.start() - 16), m.start()):
         return False  # `version 1.2.3.4`, `==2.0.1.4`, `section 8.2.4.44`
     # Dotted quads are often versions or section numbers: take one as an address when its line
     # speaks of networks (or it is a log line), or when an octet is too large for a version.
@@ -117,8 +125,9 @@ TEST_CARDS = {"4111111111111111", "4242424242424242", "4012888888881881", "55555
               "6011000990139424", "3530111333300000", "4000056655665556", "2223003122003222"}
 
 
-_CARD_CONTEXT = re.compile(r"(?i)card|credit|debit|(?<![a-z])(?:cc|pan)(?![a-z])|visa|master|amex|payment|cvv|cvc|"
-                           r"expir|\bexp_|maestro|unionpay|discover|jcb|diners|billing|stripe")
+_CARD_CONTEXT = re.compile(r"(?i)card|credit|debit|(?<![a-z])(?:cc|pan)(?![a-z])|visa|master|amex|"
+                           r"payment|cvv|cvc|expir|\bexp_|maestro|unionpay|discover|jcb|diners|"
+                           r"billing|stripe")
 
 
 def _card_ok(m: re.Match) -> bool:
@@ -131,8 +140,8 @@ def _card_ok(m: re.Match) -> bool:
         return False
     if not seps:
         # A bare digit run is far more often a seed, a big integer or a test vector than a card
-        # number: take it only when its line speaks of cards or payments.
-        # The line, or a neighbour in a multi-line record, has to speak of cards.
+        # number: take it only when its line, or a neighbour in a multi-line record, speaks of
+        # cards or payments.
         return bool(_CARD_CONTEXT.search(*_near(m.string, m.start())))
     return True
 
@@ -183,7 +192,7 @@ _ASCENDING = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 # Demo logins that documentation spells out (scott/tiger, RabbitMQ's guest/guest, ...).
 DEMO_PASSWORDS = {"tiger", "guest", "admin", "root", "toor", "postgres", "mysql", "default",
-                  "hunter2", "letmein", "qwerty", "swordfish"}
+                  "hunter2", "letmein", "qwerty", "swordfish", "masterkey", "changeit"}
 # Values published in vendors' documentation for local development (the Azurite storage
 # emulator's account key): documentation, not credentials.
 DOCUMENTED_VALUES = {
@@ -243,6 +252,8 @@ _LONG_WORD = re.compile(r"[A-Z]?[a-z]{3,}")
 def wordy(v: str) -> bool:
     """Mostly words (`MBart50Tokenizer`, `jjwt-jackson`): an identifier, not a generated value.
     0.4% of random 20-character base62 strings pass as wordy, no random hex does."""
+    if re.fullmatch(r"[a-z]*(?:[A-Z][a-z]+)+\d*", v):
+        return True  # CamelCase words (`UseMarkFilteringSet`, `BytesOrStr`)
     words = _LONG_WORD.findall(v)
     return sum(map(len, words)) >= 0.7 * sum(c.isalnum() for c in v) and \
         any(len(w) >= 6 for w in words)
@@ -257,7 +268,7 @@ def randomish(v: str) -> bool:
     if n < 8 or placeholder(v) or wordy(v):
         return False
     kind = [[0 if c.islower() else 1 if c.isupper() else 2 for c in s] for s in segs]
-    flips = sum(a != b for k in kind for a, b in zip(k, k[1:])) / n
+    flips = sum(a != b for k in kind for a, b in itertools.pairwise(k)) / n
     has_digit = any(c.isdigit() for c in v)
     return flips >= 0.35 or (n >= 12 and has_digit and flips >= 0.2)
 
@@ -267,7 +278,7 @@ _PLACEHOLDER = re.compile(
     (?:your|my|the|some|dummy|fake|sample|example|test|placeholder)[\w-]*|
     none|null|nil|true|false|required|optional|string|str|bytes|int|password|passwd|pwd|
     pass|secret|token|key|api_?key|apikey|redacted|hidden|changeit|todo|tbd|env|environ)$""",
-    re.I | re.X)
+    re.IGNORECASE | re.VERBOSE)
 _NAME_SKIP = re.compile(r"(?i)(?:file|path|dir|name|prompt|field|type|len|length|size|env|var|"
                         r"regex|re|pattern|url|uri|label|message|msg|help|hint|id|class|policy|"
                         r"manager|handler|format|fmt|count|index|header|method|kind|mode|list|"
@@ -283,8 +294,9 @@ def _looks_random(v: str) -> bool:
 _NAME_HEAD = re.compile(r"[\w.-]{0,40}$")
 _EXPR_AFTER = re.compile(r"\s*(?:\.[A-Za-z_]|[%\[+*])")  # '{0}:{1}'.format(...), "%s" % x
 # A config line (.env, ini, YAML, properties, Dockerfile ENV): NAME=value and nothing else.
-_CONFIG_LINE = re.compile(r"[ \t]*(?:export[ \t]+|ENV[ \t]+|ARG[ \t]+|-[ \t]+)?[\"']?[\w.-]+[\"']?[ \t]*"
-                          r"[:=][ \t]*\S+[ \t]*(?:#.*)?$")
+# What may precede the name on a config line (.env, ini, YAML, properties, Dockerfile ENV), whose
+# value runs to the end of the line: `export `, `ENV `, `- `, a quote.
+_CONFIG_LINE = re.compile(r"[ \t]*(?:export[ \t]+|ENV[ \t]+|ARG[ \t]+|-[ \t]+)?[\"']?")
 _PROSE_WORDS = {"the", "a", "an", "your", "is", "are", "be", "to", "for", "of", "and", "or", "not",
                 "must", "enter", "please", "invalid", "incorrect", "forgot", "reset", "new",
                 "confirm", "wrong", "with", "at", "least", "in", "this", "that", "you"}
@@ -295,43 +307,52 @@ def _assignment_ok(m: re.Match) -> bool:
     s = m.string
     head = _NAME_HEAD.search(s, max(0, m.start() - 40), m.start()).group(0)
     name, value, quote, op = head + m.group("name"), m.group("value"), m.group("q"), m.group("op")
-    if op == ">" and s.startswith("</", m.end()):
+    line_start = _line_of(s, m.start())[0]
+    before = s[line_start:m.start() - len(head)]  # the line up to the name
+    if op == ">":
+        if not (before.endswith("<") and s.startswith("</", m.end())):
+            return False
         quote = ">"  # <password>value</password>: the element delimits the literal
     if _NAME_SKIP.search(name) or _PUBLIC_NAME.search(name) or _PLACEHOLDER.match(value) \
             or len(set(value)) < 3 or placeholder(value):
         return False
     if quote and _EXPR_AFTER.match(s, m.end()):
         return False
-    lname = name.lower()
+    lname = name.lower().strip("_-.")
     password_like = any(k in lname for k in ("pass", "pwd", "secret", "credential", "cred"))
     if op.strip() in ("==", "!=", "===", "!==", "is", "was", "") and not quote:
         return False  # a comparison, prose or a flag with a bare word: code, not a literal
-    before = s[_line_of(s, m.start())[0]:m.start()]
-    flag = re.search(r"(?:^|\s)--?[\w-]*$", before) is not None  # --password=..., -p ...
-    if not op.strip() and not (flag or re.search(r"^\s*(?:ENV|ARG)\s+[\w-]*$", before)):
+    flag = head.startswith("-") and (not before or before[-1].isspace())  # --password=...
+    if not op.strip() and not (flag or re.fullmatch(r"\s*(?:ENV|ARG)\s+", before)):
         return False  # `password to use`: prose; only a flag or Dockerfile ENV takes a space
+    if (op.strip() in ("==", "!=", "===", "!==") or lname == "pass") and \
+            re.fullmatch(r"[a-z_]+", value):
+        return False  # `mode == 'error'`, {'pass': 'bandpass'}: a keyword of the code
     if " " in value:
         words = value.lower().split()
         return password_like and len(value) >= 8 and len(words) <= 6 and \
             not (_PROSE_WORDS & set(words)) and value[-1] not in ".:?!"
     if not quote:
-        if re.search(r"[()\[\]{}<>]", value) or re.fullmatch(r"[A-Za-z_]\w*(?:\.\w+)+\.?", value):
-            return False  # code: a call, an index, attribute access (`creds = load()`)
+        if re.search(r"[()\[\]{}<>]", value) or re.fullmatch(r"[A-Za-z_]\w*(?:\.\w+)+\.?", value) \
+                or s[m.end():m.end() + 1] in (",", ")"):
+            return False  # code: a call, an index, attribute access, `f(passphrase: BytesOrStr,`
         if randomish(value) or (flag and password_like and len(value) >= 6):
             return True
         # A literal on a config line (.env, ini, YAML): `DB_PASSWORD=supersecret`, `pwd: hunter2`;
         # a bare lowercase word there is more often code (`password = password_input`).
-        if not (password_like and len(value) >= 6 and _CONFIG_LINE.match(s, *_line_of(s, m.start()))):
+        rest = s[m.end():_line_of(s, m.end())[1]]
+        config = _CONFIG_LINE.fullmatch(before) and re.fullmatch(r"[ \t]*(?:#.*)?", rest)
+        if not (password_like and len(value) >= 6 and config):
             return False
         return bool(re.fullmatch(r"[A-Z][A-Z0-9_]*", name)) or not re.fullmatch(r"[A-Za-z_]+", value)
     if password_like:
         # `creds: "TemporaryCredentialResponse"`: a type named in a string.
         return len(value) >= 4 and not re.fullmatch(r"(?:[A-Z][a-z]+){3,}", value)
-    return randomish(value) or _looks_random(value) and not re.search(r"\d+\.\d+", value)
+    return randomish(value)
 
 
 def _url_ok(m: re.Match) -> bool:
-    pw, user = m.group("value"), m.group("user")
+    pw, user = urllib.parse.unquote(m.group("value")), m.group("user")
     # USER:PASSWORD@HOST, SAS_POLICY:SAS_KEY@NAMESPACE: a template in docs, not a credential;
     # guest:guest, postgres:postgres: a service's documented default. Any host counts: `.internal`
     # is where production hosts live.
@@ -481,7 +502,7 @@ BUILTIN_RULES: list[Rule] = [
     _r("phone",
        r"(?=[+(0-9])(?<![\w+.-])(?:(?:\+1[ .-]?)?(?:\(\d{3}\)[ ]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
        r"|\+[1-9]\d{0,2}(?:[ .-]?\(0\)[ .-]?|[ .-])\(?\d{1,5}\)?(?:[ .-]\d{1,8}){1,5}"
-       r"|\+[1-9]\d{9,14}|0\d{1,4}-\d{1,4}-\d{3,4}"
+       r"|\+[1-9]\d{10,14}|0\d{1,4}-\d{1,4}-\d{3,4}"
        r"|(?P<dom>\(?0\d{1,4}\)?[ ]\d{2,4}(?:[ ]\d{2,4}){0,3}))(?![\w-]|\.\d)",
        "phone number (NANP; international +CC ...; national 0... forms: 090-1234-5678, or with "
        "spaces on a line that speaks of phones)", kind="pii", placeholder="<PHONE>",
