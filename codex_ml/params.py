@@ -100,11 +100,21 @@ class NearDup(Strict):
     shingle_size: int = Field(5, ge=1, le=64)
 
 
+class Decontaminate(Strict):
+    """Drop documents holding a benchmark's problems (codex_ml/safety/decontam.py): at least
+    `threshold` of one item's normalised `ngram`-grams (its prompt, its solution, or both)."""
+    enabled: bool = True
+    benchmarks: list[Literal["humaneval"]] = Field(["humaneval"], min_length=1)
+    ngram: int = Field(8, ge=3, le=64)
+    threshold: float = Field(0.8, gt=0, le=1)
+
+
 class Sanitize(Strict):
     policy: str | None = "configs/safety_policy.yaml"
     redact_pii: bool = True
     dedup: bool = True
     near_dup: NearDup = NearDup()
+    decontaminate: Decontaminate = Decontaminate()
     min_chars: int = Field(16, ge=0)
     max_line_length: int = Field(1000, gt=0)
     min_alnum_fraction: float = Field(0.25, ge=0, le=1)

