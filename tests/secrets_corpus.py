@@ -560,3 +560,7 @@ keep("real-code",
      "    Examples of version numbers:\n\n        1.5.2b2\n        2.7.2.2\n        3.1.1.6\n        2g6\n",
      "-----BEGIN OPENSSH PRIVATE KEY-----\"\n_SK_END = b\"-----END OPENSSH PRIVATE KEY-----\"\n\n"
      "def load(data):\n    return _PEM_RC.search(data)\n")
+keep("real-code",
+     'def store(self, credential: "Credential", **kwargs):\n',
+     'secret_keys: "Iterable[pysequoia.Tsk]" = (),\n', "old_env = self.update_environment(PWD='/tmp')\n",
+     "secret: /run/secrets/db_password\n")

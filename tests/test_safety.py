@@ -59,8 +59,7 @@ POSITIVES = [
     ("huggingface_token", "HF_TOKEN = 'hf_" + (h := rand(34)) + "'", "hf_" + h),
     ("jwt", "Authorization: eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
      "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"),
-    ("twitter_bearer_token", "TWITTER_BEARER=" + (tb := "A" * 22 + rand(12) + "%2B" + rand(60)),
-     tb),
+    ("twitter_bearer_token", "TWITTER_BEARER=" + (tb := "A" * 22 + rand(12) + "%2B" + rand(60)), tb),
     ("bearer_token", "headers = {'Authorization': 'Bearer 7f3k9" + (b := rand(40)) + "'}", b),
     ("private_key", f"-----BEGIN RSA PRIVATE KEY-----\n{PEM_BODY}\n-----END RSA PRIVATE KEY-----",
      PEM_BODY[:64]),
@@ -357,3 +356,45 @@ def test_corpus_through_the_sanitizer():
     for _, text in KEEP:
         out = s({"id": "", "source": "c", "path": "x", "lang": "", "text": text, "bytes": None})
         assert out is not None and out["text"] == text, text
+
+
+# The misses issue 23 lists, one line each (synthetic values).
+AK, SEC = "AKIA" + rand(16, string.ascii_uppercase + "234567"), rand(40, ALNUM + "+/")
+AZ = rand(86, ALNUM + "+/") + "=="
+ISSUE_23 = [
+    ("url_password", "postgresql://admin:Qm7vR2xLp9@db.prod.internal:5432/orders", "Qm7vR2xLp9"),
+    ("url_password", "postgres://app:Tz4kW8nB2q@db.example.org/app", "Tz4kW8nB2q"),
+    ("azure_storage_key", f'{{"accountKey": "{AZ}"}}', AZ),
+    ("azure_storage_key", f"account_key: '{AZ}'", AZ),
+    ("azure_storage_key", f'\tAccountKey: "{AZ}",', AZ),
+    ("secret_assignment", "mySecretString=UK1Z" + (v1 := rand(20)), "UK1Z" + v1),
+    ("secret_assignment", "creds = eVhf" + (v2 := rand(24)), "eVhf" + v2),
+    ("secret_assignment", "\ttoken := `" + (v3 := rand(32)) + "`", v3),
+    ("secret_assignment", 'var genericToken string = "' + (v4 := rand(32)) + '"', v4),
+    ("secret_assignment", 'password = "maple quartz violin 42"', "maple quartz violin 42"),
+    ("secret_assignment", 'if (db_pass != "' + (v5 := rand(14)) + '") {', v5),
+    ("aws_secret_key", f"Use key id {AK} with secret {SEC} for the deploy user.", SEC),
+    ("aws_secret_key", f'AccessKeyID: "{AK}",\nSecretAccessKey: "{SEC}",', SEC),
+    ("gitlab_token", "token: GR1348941" + (g1 := rand(20)), "GR1348941" + g1),
+    ("gitlab_token", "glffct-" + (g2 := rand(20)), "glffct-" + g2),
+    ("gitlab_token", "Cookie: _gitlab_session=" + (g3 := rand(32, "0123456789abcdef")), g3),
+    ("gitlab_token", "GITLAB_TOKEN=" + (g4 := rand(20)), g4),
+    ("pypi_token", "pypi-AgENdGVzdC5weXBpLm9yZw" + (pp := rand(80)), "pypi-AgENdGVzdC5weXBpLm9yZw" + pp),
+    ("slack_webhook", "hooks.slack.com/services/T0" + (w1 := rand(8) + "/B0" + rand(8) + "/" + rand(24)), w1),
+    ("slack_webhook", "https://hooks.slack.com/workflows/T0" + (w2 := rand(8) + "/A0" + rand(8) + "/"
+                                                               + rand(18, "0123456789") + "/" + rand(32)), w2),
+    ("jwt", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJzdmMifQ.", "eyJzdWIiOiJzdmMifQ"),
+    ("credit_card", "card_number=" + (c4 := card("37", 15)), c4),
+    ("credit_card", "unionpay card " + (c5 := card("62", 19)), c5),
+    ("phone", "call +55 11 98456 5666", "98456 5666"),
+    ("phone", "mobile: 090-1234-5678", "090-1234-5678"),
+    ("ssn", "SSN 536 22 8765", "536 22 8765"),
+    ("ip_address", "\n52.14.77.3\n", "52.14.77.3"),
+]
+
+
+@pytest.mark.parametrize("rule,text,secret", ISSUE_23, ids=[f"{r}-{i}" for i, (r, _, _) in
+                                                            enumerate(ISSUE_23)])
+def test_issue_23_misses_are_caught(redactor, rule, text, secret):
+    res = redactor(text)
+    assert secret not in res.text and res.counts[rule] >= 1, (res.counts, res.text)

@@ -285,6 +285,7 @@ _NAME_SKIP = re.compile(r"(?i)(?:file|path|dir|name|prompt|field|type|len|length
                         r"placeholder|description|desc|title|text|error|endpoint|expires|expiry|"
                         r"ttl|timeout|min|max|_re|_rx|_char|_chars|_prefix|_suffix|_sep|_bits)s?$")
 _PUBLIC_NAME = re.compile(r"(?i)public|publishable")
+_TYPE_NAME = re.compile(r"[A-Za-z_][\w.]*\[.*\]|[A-Z][A-Za-z]*(?:\.[A-Za-z_]\w*)*")
 
 
 def _looks_random(v: str) -> bool:
@@ -318,6 +319,11 @@ def _assignment_ok(m: re.Match) -> bool:
         return False
     if quote and _EXPR_AFTER.match(s, m.end()):
         return False
+    if re.fullmatch(r"(?:~|\.{0,2})/[\w./-]*", value):
+        return False  # a path (`PWD='/tmp'`, `secret: /run/secrets/db`)
+    if quote and op.strip() == ":" and m.group(0)[len(m.group("name"))] != quote \
+            and re.match(r"\s*(?:[,)]|=)", s[m.end():]) and _TYPE_NAME.fullmatch(value):
+        return False  # a quoted annotation: `credential: "Credential",`, `keys: "Iterable[Tsk]" = ()`
     lname = name.lower().strip("_-.")
     password_like = any(k in lname for k in ("pass", "pwd", "secret", "credential", "cred"))
     if op.strip() in ("==", "!=", "===", "!==", "is", "was", "") and not quote:
