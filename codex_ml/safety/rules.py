@@ -413,8 +413,6 @@ def _r(rid, pattern, description, keywords=(), kind="secret", placeholder="", ch
 
 B64 = r"[A-Za-z0-9+/]"
 _PEM = r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-_GITLAB = ("glpat-", "gloas-", "gldt-", "glrt-", "glrtr-", "glcbt-", "glptt-", "glft-", "glimt-",
-           "glagent-", "glsoat-", "glffct-", "glwt-")
 BUILTIN_RULES: list[Rule] = [
     _r("private_key",
        _PEM + r"(?P<body>[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|"
@@ -445,7 +443,9 @@ BUILTIN_RULES: list[Rule] = [
        r"['\"]?[ \t]*(?::=|=>|[:=])[ \t]*['\"`]?)(?P<value>[A-Za-z0-9_-]{20,64})(?![\w-])",
        "GitLab personal, deploy, runner (and registration), CI, feed, OAuth and other tokens, "
        "session cookies, legacy 20-character tokens",
-       _GITLAB + ("gr1348941", "gitlab", "private-token", "private_token"), check=_token_ok),
+       # One keyword for every gl*- prefix: 13 substring searches of each document cost 3x more
+       # than running the regex on the lines that hold "gl" (global, glob, angle, ...).
+       ("gl", "gr1348941", "gitlab", "private-token", "private_token"), check=_token_ok),
     _r("npm_token", r"\bnpm_(?P<b>[A-Za-z0-9]{36})\b", "npm access token", ["npm_"],
        check=_token_ok),
     _r("pypi_token", r"\bpypi-AgE(?:IcHlwaS5vcmc|NdGVzdC5weXBpLm9yZ)(?P<b>[A-Za-z0-9_-]{50,})",
