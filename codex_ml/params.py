@@ -139,6 +139,9 @@ class Fractions(Strict):
 class Split(Strict):
     fractions: Fractions = Fractions()
     group_by: Literal["id", "directory"] = "id"
+    # Report (not remove) test documents with a near duplicate in train: MinHash over word
+    # shingles, estimated Jaccard >= threshold. Changes no assignment and no dataset version.
+    leakage: NearDup = NearDup(enabled=True)
 
 
 # ---------------------------------------------------------------- data engine / tokenize
@@ -188,6 +191,9 @@ class Tokenizer(Strict):
             if not s or any(c in s for c in " \u2581\ue000\ue001\ue002"):
                 raise ValueError(f"{s!r} is empty or holds a space, U+2581 or U+E000-E002 "
                                  "(reserved by the lossless encoding)")
+            if s in ("<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"):
+                raise ValueError(f"{s!r} is a fill-in-the-middle sentinel (a control token, "
+                                 "always in the vocabulary); remove it")
         if len(set(v)) != len(v):
             raise ValueError("has duplicates")
         return v
@@ -235,6 +241,15 @@ class Model(Strict):
 
 
 # ---------------------------------------------------------------- train
+class Fim(Strict):
+    """Fill-in-the-middle (codex_ml/training/fim.py): each training document of a block is, with
+    probability `rate`, cut at two random characters into prefix/middle/suffix and reordered
+    with the sentinels, as SPM with probability `spm_rate`, else PSM (StarCoder: 0.5 and 0.5).
+    rate 0 trains exactly as without FIM. Val loss stays left-to-right."""
+    rate: float = Field(0.5, ge=0, le=1)
+    spm_rate: float = Field(0.5, ge=0, le=1)
+
+
 class Train(Strict):
     block_size: int = Field(256, ge=8)
     batch_size: int = Field(8, ge=1)
@@ -283,6 +298,7 @@ class Train(Strict):
     # optimizer stay fp32). DDP only.
     ddp_allreduce: Literal["fp32", "bf16"] = "fp32"
     num_workers: int = Field(0, ge=0)
+    fim: Fim = Fim()
 
     @model_validator(mode="after")
     def _ddp_only(self):

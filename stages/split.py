@@ -34,6 +34,7 @@ def main() -> None:
     write_json(args.metrics, {
         "dataset_version": manifest["dataset_version"],
         **{s: {"documents": sp[s]["documents"], "bytes": sp[s]["bytes"]} for s in SPLITS},
+        **({"leakage": manifest["leakage"]} if "leakage" in manifest else {}),
         "seconds": round(time.perf_counter() - t0, 2),
     })
     log.info("split %s: %s", manifest["dataset_version"],

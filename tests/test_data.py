@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -213,3 +214,30 @@ def test_failed_stage_leaves_previous_output(tmp_path):
     assert r.returncode == 2 and "no documents" in r.stderr
     assert (tmp_path / "data/raw/docs.parquet").read_bytes() == before
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]  # no temp dirs left
+
+
+def test_split_reports_test_documents_with_a_near_duplicate_in_train(tmp_path):
+    import sysconfig
+
+    from codex_ml.data.split import assign
+
+    s = params.Split()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(root / f).read_text() for f in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py",
+                                               "bisect.py", "heapq.py", "copy.py", "base64.py")]
+    docs = [dict(id=sha256_text(t), source="s", path=f"{i}.py", lang="python", text=t,
+                 bytes=len(t.encode())) for i, t in enumerate(texts)]
+    in_train = [d for d in docs if assign(d["id"], 7, s) == "train"]
+    # An edited copy of a train document (one line changed) that the hash sends to test.
+    base = in_train[0]["text"]
+    k = next(k for k in range(1000) if assign(sha256_text(base + f"# edit {k}\n"), 7, s) == "test")
+    copy = base + f"# edit {k}\n"
+    docs.append(dict(id=sha256_text(copy), source="s", path="copy.py", lang="python", text=copy,
+                     bytes=len(copy.encode())))
+    m = split(_write(tmp_path / "in", docs), _mk(tmp_path / "o"), s, 7, 1 << 20)
+    lk = m["leakage"]
+    assert lk["with_near_duplicate_in_train"] >= 1 and lk["threshold"] == 0.85
+    assert lk["test_documents"] == m["splits"]["test"]["documents"]
+    off = split(_write(tmp_path / "in2", docs), _mk(tmp_path / "o2"),
+                params.Split(leakage={"enabled": False}), 7, 1 << 20)
+    assert "leakage" not in off and off["dataset_version"] == m["dataset_version"]

@@ -14,7 +14,7 @@ from .. import io
 from ..io import ShardWriter, sha256_file, sha256_text
 from ..params import Split
 from ..stage import UserError
-from .engine import Engine
+from .engine import Engine, cached
 
 SPLITS = ("train", "val", "test")
 
@@ -47,8 +47,18 @@ def split_unit(shared: tuple[Split, int], unit: tuple[str, int]) -> dict:
     for s in SPLITS:
         mask = pa.array([w == s for w in where], type=pa.bool_())
         part = table.filter(mask)
-        out[s] = (part, part.column("id").to_pylist())
+        sigs = []
+        if cfg.leakage.enabled and s != "val":
+            near = cached(_near, cfg.leakage.threshold, cfg.leakage.num_perm, cfg.leakage.shingle_size)
+            sigs = [near.signature(t) for t in part.column("text").to_pylist()]
+        out[s] = (part, part.column("id").to_pylist(), sigs)
     return out
+
+
+def _near(threshold: float, num_perm: int, shingle_size: int):
+    from ..safety.filters import NearDedup
+
+    return NearDedup(threshold, num_perm, shingle_size)
 
 
 def split(in_dir: Path, out_dir: Path, cfg: Split, seed: int, shard_bytes: int,
@@ -58,12 +68,20 @@ def split(in_dir: Path, out_dir: Path, cfg: Split, seed: int, shard_bytes: int,
     ids = {s: [] for s in SPLITS}
     nbytes = dict.fromkeys(SPLITS, 0)
     units = io.row_groups(in_dir, "docs")
+    lk = cfg.leakage
+    train_lsh = _near(lk.threshold, lk.num_perm, lk.shingle_size) if lk.enabled else None
+    test_sigs = []
     with engine or Engine(workers=1) as eng:
         for parts in eng.map(split_unit, units, (cfg, seed)):
-            for s, (table, part_ids) in parts.items():
+            for s, (table, part_ids, sigs) in parts.items():
                 writers[s].add_table(table)
                 ids[s] += part_ids
                 nbytes[s] += pa.compute.sum(table.column("bytes")).as_py() or 0
+                if s == "train":
+                    for sig in sigs:
+                        train_lsh.seen(sig)  # indexed once per near-duplicate cluster
+                elif s == "test":
+                    test_sigs += sigs
     total = sum(len(v) for v in ids.values())
     for s in SPLITS:
         if not ids[s]:
@@ -72,7 +90,7 @@ def split(in_dir: Path, out_dir: Path, cfg: Split, seed: int, shard_bytes: int,
                             f"split.fractions.{s}")
     files = {s: writers[s].close() for s in SPLITS}
     manifest = {
-        "params": {"seed": seed, **cfg.model_dump()},
+        "params": {"seed": seed, **cfg.model_dump(exclude={"leakage"})},
         "splits": {
             s: {
                 "documents": len(ids[s]),
@@ -89,4 +107,10 @@ def split(in_dir: Path, out_dir: Path, cfg: Split, seed: int, shard_bytes: int,
                         "ids": {s: manifest["splits"][s]["ids_sha256"] for s in SPLITS}},
                        sort_keys=True)
     manifest["dataset_version"] = sha256_text(canon)[:16]
+    if lk.enabled:
+        leaked = sum(train_lsh.lsh_hit(sig) for sig in test_sigs)
+        manifest["leakage"] = {"test_documents": len(test_sigs),
+                               "with_near_duplicate_in_train": leaked,
+                               "share": round(leaked / max(len(test_sigs), 1), 4),
+                               **lk.model_dump(exclude={"enabled"})}
     return manifest

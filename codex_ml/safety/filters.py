@@ -83,12 +83,15 @@ class NearDedup:
 
     def seen(self, signature: np.ndarray) -> bool:
         """Whether a kept document is this similar (and keep this one's signature if not)."""
-        m = self._new(signature)
-        if self.lsh.query(m):
+        if self.lsh_hit(signature):
             return True
-        self.lsh.insert(str(self.n), m)
+        self.lsh.insert(str(self.n), self._new(signature))
         self.n += 1
         return False
+
+    def lsh_hit(self, signature: np.ndarray) -> bool:
+        """Whether a kept document is this similar (the index unchanged)."""
+        return bool(self.lsh.query(self._new(signature)))
 
     def is_duplicate(self, text: str) -> bool:
         return self.seen(self.signature(text))
