@@ -381,8 +381,8 @@ ISSUE_23 = [
     ("gitlab_token", "GITLAB_TOKEN=" + (g4 := rand(20)), g4),
     ("pypi_token", "pypi-AgENdGVzdC5weXBpLm9yZw" + (pp := rand(80)), "pypi-AgENdGVzdC5weXBpLm9yZw" + pp),
     ("slack_webhook", "hooks.slack.com/services/T0" + (w1 := rand(8) + "/B0" + rand(8) + "/" + rand(24)), w1),
-    ("slack_webhook", "https://hooks.slack.com/workflows/T0" + (w2 := rand(8) + "/A0" + rand(8) + "/"
-                                                               + rand(18, "0123456789") + "/" + rand(32)), w2),
+    ("slack_webhook", "https://hooks.slack.com/workflows/T0"
+     + (w2 := rand(8) + "/A0" + rand(8) + "/" + rand(18, "0123456789") + "/" + rand(32)), w2),
     ("jwt", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJzdmMifQ.", "eyJzdWIiOiJzdmMifQ"),
     ("credit_card", "card_number=" + (c4 := card("37", 15)), c4),
     ("credit_card", "unionpay card " + (c5 := card("62", 19)), c5),
