@@ -37,7 +37,7 @@ ddp() {
     "$2" "$3" "$4" "$5" "${6:-auto}" "${7:-on}" "${EXTRA:+, $EXTRA}" > $d/o.yaml
   local t0=$(date +%s)
   ( cd $d && python3 tools/profile.py o.yaml >/dev/null &&
-    timeout ${RUN_TIMEOUT:-240} python3 stages/train_model.py --splits $OLDPWD/$DATA/splits --tokenizer $OLDPWD/$DATA/tokenizer \
+    timeout ${RUN_TIMEOUT:-240} python3 stages/train_model.py --tokens $OLDPWD/$DATA/tokens --tokenizer $OLDPWD/$DATA/tokenizer \
       --out $d/model --metrics $OUT/train_$1.json > $OUT/log_$1.txt 2>&1 )
   echo "$1: rc=$? wall=$(( $(date +%s) - t0 ))s $(python3 -c "import json;m=json.load(open('$OUT/train_$1.json'));print('steady tokens/s', m['steady_tokens_per_s'], 'world', m['world_size'], 'steps', m['steps'], 'loss', round(m['final_train_loss'],3), 'mode', m['compile_mode'])" 2>&1 | tail -n 1)"
   cp $d/models/checkpoints/checkpoint-$4/trainer_state.json $OUT/state_$1.json 2>/dev/null

@@ -81,7 +81,7 @@ elif [ "$PART" = g ]; then
   RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
 elif [ "$PART" = h ]; then
   timeout 240 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
-    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --splits $DATA/splits --steps 100 --batch 64 \
+    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --tokens $DATA/tokens --steps 100 --batch 64 \
     --skip 45 --profile 10 --sync-debug --variants engine --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1
   grep -E "tok/s|profile|FAILED|Error" $OUT/bench_ddp_full.txt | tee $OUT/bench_ddp.txt
   RUN_TIMEOUT=110 CUDA_VISIBLE_DEVICES=0 ddp g1_b64 1 ddp 150 64
@@ -106,7 +106,7 @@ elif [ "$PART" = j ]; then
   smi_stop
 elif [ "$PART" = k ]; then
   timeout 240 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
-    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --splits $DATA/splits --steps 100 --batch 64 \
+    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --tokens $DATA/tokens --steps 100 --batch 64 \
     --skip 45 --profile 10 --sync-debug --variants engine --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1
   grep -E "tok/s|profile|FAILED|Error" $OUT/bench_ddp_full.txt | tee $OUT/bench_ddp.txt
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfE \
@@ -123,7 +123,7 @@ elif [ "$PART" = l ]; then
     mark prof_g$w
     launch="python3"; [ $w = 1 ] && export CUDA_VISIBLE_DEVICES=0
     [ $w = 2 ] && launch="python3 -m torch.distributed.run --standalone --nproc_per_node 2"
-    timeout 150 $launch bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --splits $DATA/splits --steps 100 \
+    timeout 150 $launch bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --tokens $DATA/tokens --steps 100 \
       --batch 64 --skip 45 --profile 10 --sync-debug --variants engine --out $OUT/bench_g$w.json > $OUT/bench_g${w}_full.txt 2>&1
     unset CUDA_VISIBLE_DEVICES
     grep -E "tok/s|profile|FAILED|Error" $OUT/bench_g${w}_full.txt | grep -v UserWarning
@@ -139,7 +139,7 @@ elif [ "$PART" = b ] || [ "$PART" = c ]; then
   [ "$PART" = c ] || RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
   variants=engine; [ "$PART" = c ] && variants=engine,engine-copy=bucket_view:0
   env ${PROFILE_ENV:-} timeout 240 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
-    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --splits $DATA/splits --steps 150 --batch 16 \
+    bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --tokens $DATA/tokens --steps 150 --batch 16 \
     --skip 50 --profile 5 --variants $variants --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1
   grep -E "tok/s|profile|FAILED|Error" $OUT/bench_ddp_full.txt | tee $OUT/bench_ddp.txt
   if [ "$PART" = c ]; then

@@ -26,7 +26,7 @@ echo "== 2 GPUs $(date +%T)"
 RUN_TIMEOUT=${DDP_TIMEOUT:-150} ddp g2_b$B 2 ddp 300 $B
 if [ -n "${DDP_PROFILE:-}" ]; then
   timeout 200 python3 -m torch.distributed.run --standalone --nproc_per_node 2 bench/bench_train_gpu.py --tokenizer $DATA/tokenizer \
-    --splits $DATA/splits --steps 150 --batch $B --skip 50 --profile 5 --variants engine \
+    --tokens $DATA/tokens --steps 150 --batch $B --skip 50 --profile 5 --variants engine \
     --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1
   grep -E "tok/s|profile|FAILED|Error" $OUT/bench_ddp_full.txt | tee $OUT/bench_ddp.txt
 fi

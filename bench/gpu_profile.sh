@@ -12,7 +12,7 @@ printf "train: {max_time_s: %s, devices: 1}\n" "$PROFILE_TIME" > /tmp/budget.yam
 python3 tools/profile.py /tmp/budget.yaml
 mkdir -p $OUT/profile; cp params.yaml $OUT/profile/
 # Each stage's metrics as soon as it ends: a call cut short still brings back what it measured.
-for s in ingest sanitize split train_tokenizer train_model evaluate report; do
+for s in ingest sanitize split train_tokenizer tokenize_splits train_model evaluate report; do
   stage $s; cp metrics/*.json $OUT/profile/ 2>/dev/null; done
 cp -r reports/report.md reports/figures $OUT/profile/ 2>/dev/null
 git checkout params.yaml 2>/dev/null

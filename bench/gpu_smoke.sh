@@ -10,7 +10,7 @@ train: {max_steps: 30, eval_every: 15, save_every: 15, log_every: 5, batch_size:
 eval: {max_docs: 6, completion: {num_prompts: 4}}
 Y
 python3 tools/profile.py /tmp/smoke.yaml
-for s in ingest sanitize split train_tokenizer train_model evaluate report; do stage $s; done
+for s in ingest sanitize split train_tokenizer tokenize_splits train_model evaluate report; do stage $s; done
 cp metrics/train.json $OUT/smoke_train.json; cp metrics/eval.json $OUT/smoke_eval.json 2>/dev/null
 echo "== ddp $(date +%T)"
 rm -rf models/checkpoints
