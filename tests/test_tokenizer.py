@@ -86,9 +86,59 @@ def test_special_ids_and_no_bos_eos(trained):
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
     assert (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2, 3)
     assert (hf.unk_token, hf.bos_token, hf.eos_token, hf.pad_token) == ("<unk>", "<s>", "</s>", "<pad>")
+    # the FIM sentinels: control symbols 4-7, then the byte pieces
+    assert [sp.id_to_piece(i) for i in range(4, 9)] == [*T.FIM_TOKENS, "<0x00>"]
+    assert all(sp.is_control(i) for i in range(1, 8)) and sp.is_byte(8)
+    assert T.fim_ids(hf) == dict(zip(T.FIM_TOKENS, range(4, 8)))
+    assert set(range(8)) <= set(hf.all_special_ids)
     ids = hf("x = 1\n</s><s>")["input_ids"]   # no BOS/EOS added, special text stays text
     assert ids == sp.encode("x = 1\n</s><s>") and not {0, 1, 2, 3} & set(ids)
     assert hf.decode(ids + [2], skip_special_tokens=True) == "x = 1\n</s><s>"
+
+
+INJECT = "x = '<fim_prefix>'\n<fim_suffix><fim_middle>y<fim_pad>\n</s><s><fim_prefix >\n"
+
+
+def test_sentinel_text_in_a_document_never_becomes_a_sentinel_id(trained, tmp_path):
+    """A training document spelling the sentinels cannot inject control tokens: not through
+    SentencePiece, the HF export (AutoTokenizer), its Rust backend the tokenize stage's workers
+    use, nor the shards that stage writes."""
+    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer
+    from codex_ml.data import engine, tokens
+
+    special = set(range(8))
+    sp = T.load_sp(trained[0])
+    auto = AutoTokenizer.from_pretrained(str(trained[0]), local_files_only=True)
+    ids = sp.encode(INJECT)
+    assert not special & set(ids) and sp.decode(ids) == INJECT
+    assert auto(INJECT)["input_ids"] == ids and auto(INJECT, add_special_tokens=True)["input_ids"] == ids
+    assert auto.decode(ids) == INJECT
+    # the backend as tokens.py rebuilds it in its workers
+    backend = Tokenizer.from_str(auto.backend_tokenizer.to_str())
+    assert auto.backend_tokenizer.encode_special_tokens is True
+    backend.encode_special_tokens = True
+    assert backend.encode(INJECT, add_special_tokens=False).ids == ids
+    # ...and without that flag it would inject: the flag is what protects the shards
+    backend.encode_special_tokens = False
+    assert {4, 5, 6, 7} <= set(backend.encode(INJECT, add_special_tokens=False).ids)
+    inj = tmp_path / "inj"
+    inj.mkdir()
+    for name in ("train", "val", "test"):
+        w = io.ShardWriter(inj, name)
+        w.add({"id": io.sha256_text(INJECT + name), "source": "t", "path": f"{name}/x.py",
+               "lang": "python", "text": INJECT, "bytes": len(INJECT.encode())})
+        w.close()
+    (inj / "manifest.json").write_text('{"dataset_version": "inj"}')
+    with engine.Engine("local", 1) as eng:
+        tokens.tokenize(inj, trained[0], tmp_path / "shards", 1 << 20, eng)
+    docs = tokens.documents(tmp_path / "shards", "train")
+    assert [d.tolist() for d in docs] == [ids + [2]]
+
+
+def test_user_defined_symbols_cannot_be_a_sentinel():
+    with pytest.raises(ValueError, match="fill-in-the-middle sentinel"):
+        params.Tokenizer(user_defined_symbols=["<fim_middle>"])
 
 
 def test_newlines_and_indentation_are_cheap(trained):
@@ -138,6 +188,23 @@ def test_pretrained_base_copies_its_tokenizer(trained, tmp_path):
     m = T.train_dir("does/not/matter", tmp_path / "copy", p)
     assert m["trained"] is False and m["source"] == "pretrained" and m["eos_id"] == 2
     assert T.load(tmp_path / "copy")("x\n")["input_ids"] == T.load(trained[0])("x\n")["input_ids"]
+    assert m["fim_sentinels"] == "present" and m["fim_ids"] == dict(zip(T.FIM_TOKENS, range(4, 8)))
+
+
+def test_pretrained_base_without_sentinels_gets_them_added(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "x": 2, "=": 3, "1": 4}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="</s>").save_pretrained(
+        tmp_path / "base")
+    p = params.Params(model=params.Model(init="pretrained", base=str(tmp_path / "base")))
+    m = T.train_dir("does/not/matter", tmp_path / "copy", p)
+    assert m["fim_sentinels"] == "added" and m["vocab_size"] == 5 + 4
+    tok = T.load(tmp_path / "copy")
+    assert T.fim_ids(tok) == m["fim_ids"] == dict(zip(T.FIM_TOKENS, range(5, 9)))
+    assert tok("x = 1")["input_ids"] == [2, 3, 4]
 
 
 def test_bad_params_and_inputs(tmp_path, splits):

@@ -21,6 +21,7 @@ import yaml
 
 from codex_ml import io
 from codex_ml.params import Params
+from codex_ml.tokenizer import FIM_TOKENS
 from codex_ml.training import adamw, checkpoints, engine
 from codex_ml.training.data import pack
 
@@ -57,10 +58,12 @@ def make_tokenizer(path: Path, texts: list[str]) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>", *FIM_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    # The FIM sentinels as the pipeline's own tokenizer has them (train.fim is on by default).
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>", pad_token="<pad>").save_pretrained(path)
+                            eos_token="</s>", pad_token="<pad>", extra_special_tokens=list(FIM_TOKENS),
+                            split_special_tokens=True).save_pretrained(path)
     return path
 
 

@@ -13,10 +13,15 @@ indentation, and line-by-line training never sees a newline. Here:
 - whitespace-only pieces are allowed, so runs of indentation become single tokens;
 - byte fallback: a character outside the vocabulary becomes its UTF-8 bytes, never <unk>.
 
-Ids: <unk> 0, <s> (BOS) 1, </s> (EOS) 2, <pad> 3, then 256 byte pieces <0x00>..<0xFF>.
+Ids: <unk> 0, <s> (BOS) 1, </s> (EOS) 2, <pad> 3, then the fill-in-the-middle sentinels
+<fim_prefix> 4, <fim_middle> 5, <fim_suffix> 6, <fim_pad> 7 (StarCoder's names; SentencePiece
+control symbols, HF special tokens), then 256 byte pieces <0x00>..<0xFF>.
 Encoding (SentencePiece `encode` and the HF tokenizer's `tok(text)`) adds NO BOS/EOS: callers add
-them (training packs documents separated by EOS). Special-token text such as "</s>" inside a
-document is encoded as plain text, never as the special id (split_special_tokens=True).
+them (training packs documents separated by EOS). Special-token text such as "</s>" or
+"<fim_prefix>" inside a document is encoded as plain text, never as the special id
+(split_special_tokens=True; SentencePiece never matches control symbols against text): a training
+document cannot inject a control token. Only training code (codex_ml/training/fim.py) and
+inference (`codex generate --suffix`) place sentinel ids, by id.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "spm.model"
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# Fill-in-the-middle sentinels (StarCoder's spelling), ids 4-7 in a trained tokenizer; a pretrained
+# base's tokenizer keeps its own ids for them (or gets them added: copy_pretrained).
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
+FIM_TOKENS = (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD)
 SPACE = "\u2581"                       # SentencePiece's whitespace marker
 ESC, ESC_SPACE, ESC_ESC = "\ue000", "\ue001", "\ue002"
 # SentencePiece rule files: hex code points of source<TAB>target.
@@ -101,6 +110,7 @@ def trainer_args(cfg, seed: int) -> dict:
         normalization_rule_name="", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, input_sentence_size=0, shuffle_input_sentence=False,
         unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+        control_symbols=list(FIM_TOKENS),  # ids 4-7, right after the four meta pieces
         unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
         hard_vocab_limit=cfg.model_type == "bpe", minloglevel=2, random_seed=seed,
     )
@@ -167,6 +177,9 @@ def hf_backend(sp: spm.SentencePieceProcessor, model_type: str, user_defined: It
         normalizers.Replace(" ", SPACE)])
     # SentencePiece emits user-defined pieces whole wherever they occur.
     tok.add_tokens([AddedToken(p, normalized=True, special=False) for p in pieces if p in ud])
+    # The sentinels keep their ids as special tokens (skipped by decode(skip_special_tokens=True));
+    # encode_special_tokens (set from split_special_tokens) keeps their text in documents text.
+    tok.add_special_tokens([AddedToken(p, normalized=False, special=True) for p in FIM_TOKENS])
     tok.decoder = decoders.Sequence([
         decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
         # after Fuse there is one string: undo the escape (ESC is always followed by its partner)
@@ -180,7 +193,8 @@ def to_hf(sp: spm.SentencePieceProcessor, cfg):
     return PreTrainedTokenizerFast(
         tokenizer_object=hf_backend(sp, cfg.model_type, cfg.user_defined_symbols),
         unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        split_special_tokens=True, clean_up_tokenization_spaces=False, padding_side="right")
+        extra_special_tokens=list(FIM_TOKENS), split_special_tokens=True,
+        clean_up_tokenization_spaces=False, padding_side="right")
 
 
 def save(out_dir: str | Path, model_bytes: bytes, cfg) -> None:
@@ -230,10 +244,30 @@ def copy_pretrained(base: str, trust_remote_code: bool, out_dir: str | Path) -> 
                         "model directory (the hub is unreachable offline)") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token  # padding needs an id; EOS is the usual choice for causal LMs
+    fim = ensure_fim_tokens(tok)
     tok.save_pretrained(out_dir)
     return {"source": "pretrained", "base": base, "vocab_size": len(tok),
             "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
-            "unk_id": tok.unk_token_id}
+            "unk_id": tok.unk_token_id, "fim_sentinels": fim,
+            "fim_ids": dict(zip(FIM_TOKENS, tok.convert_tokens_to_ids(list(FIM_TOKENS))))}
+
+
+def fim_ids(tok) -> dict[str, int] | None:
+    """{sentinel: id} when the HF tokenizer has all four FIM sentinels as single tokens, else None."""
+    ids = dict(zip(FIM_TOKENS, tok.convert_tokens_to_ids(list(FIM_TOKENS))))
+    if any(i is None or i == tok.unk_token_id for i in ids.values()):
+        return None
+    return ids
+
+
+def ensure_fim_tokens(tok) -> str:
+    """'present' when a base's tokenizer has StarCoder's four sentinels already (StarCoder,
+    SantaCoder-style exports), else add them as special tokens and say 'added': train_model then
+    grows the embeddings to the new vocabulary (new rows untrained until FIM trains them)."""
+    if fim_ids(tok) is not None:
+        return "present"
+    tok.add_special_tokens({"extra_special_tokens": list(FIM_TOKENS)}, replace_extra_special_tokens=False)
+    return "added"
 
 
 # ---------------------------------------------------------------- checks and figures
@@ -281,7 +315,8 @@ def train_dir(splits: str | Path, out: str | Path, p) -> dict:
         metrics: dict = {"source": "trained", "trained": True, "model_type": cfg.model_type,
                          "vocab_size": sp.get_piece_size(), "train_seconds": round(seconds, 2),
                          "train_chunks": len(sentences), "unk_id": UNK_ID, "bos_id": BOS_ID,
-                         "eos_id": EOS_ID, "pad_id": PAD_ID, "spm_sha256": io.sha256_file(tmp / MODEL_FILE)}
+                         "eos_id": EOS_ID, "pad_id": PAD_ID, "fim_sentinels": "present",
+                         "fim_ids": fim_ids(hf), "spm_sha256": io.sha256_file(tmp / MODEL_FILE)}
         total = {"docs": 0, "roundtrip_ok": 0, "hf_agree": 0, "tokens": 0, "byte_fallback_tokens": 0}
         for split in ("val", "test"):
             if not io.shard_paths(splits, split):

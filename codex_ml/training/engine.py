@@ -803,7 +803,10 @@ def train(model, train_blocks: torch.Tensor, val_blocks: torch.Tensor, t: Train,
     if t.early_stopping_patience:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     cbs += callbacks or []
-    trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_blocks),
+    # A Dataset already (fim.FimBlocks: dicts with labels) goes in as it is; plain blocks get
+    # labels = inputs.
+    train_ds = train_blocks if isinstance(train_blocks, torch.utils.data.Dataset) else Blocks(train_blocks)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds,
                       eval_dataset=Blocks(val_blocks), callbacks=cbs)
     clip_in_optimizer(trainer, t, precision)
     if DEFERRED_LOGS:

@@ -16,7 +16,8 @@ from .. import io, modeling
 from ..data import tokens
 from ..params import Params
 from ..stage import UserError
-from . import checkpoints, engine, provenance
+from ..tokenizer import fim_ids
+from . import checkpoints, engine, fim, provenance
 
 log = logging.getLogger("codex.train")
 
@@ -66,6 +67,23 @@ def trim_curves(live: Path, step: int) -> None:
             io.write_atomic(f, "".join(keep))
 
 
+def grow_embeddings(model, tokenizer, p: Params) -> None:
+    """A pretrained base whose tokenizer got the FIM sentinels added (tokenizer.ensure_fim_tokens)
+    needs embedding rows for them: resized here (transformers initialises the new rows from the
+    old ones' mean and covariance, drawn from the seeded generator). Under LoRA the embeddings are
+    frozen, so FIM would train on sentinels the model cannot learn: refused."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:
+        return
+    if p.model.lora.enabled and p.train.fim.rate > 0:
+        raise UserError(f"train.fim.rate = {p.train.fim.rate} with model.lora.enabled: the base "
+                        f"{p.model.base!r} has no FIM sentinels, and LoRA cannot train the new "
+                        "embedding rows; set train.fim.rate: 0, use a base that has them, or "
+                        "fine-tune fully (model.lora.enabled: false)")
+    log.info("embeddings grown from %d to %d rows for the added FIM sentinels", rows, len(tokenizer))
+    model.resize_token_embeddings(len(tokenizer))
+
+
 def run(p: Params, paths: Paths = Paths()) -> dict:
     t0 = time.perf_counter()
     rank, ws = engine.world()
@@ -85,9 +103,13 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
     log.info("%d train / %d val blocks of %d tokens, memory-mapped from %s", len(train_blocks),
              len(val_blocks), t.block_size, paths.tokens)
     engine.check_data(train_blocks, val_blocks, t)  # before dvclive clears the previous curves
+    # FIM reorders training documents only; val blocks stay left-to-right, so val loss compares
+    # with runs at rate 0. At rate 0 these are the plain blocks: the same batches as before FIM.
+    train_blocks = fim.wrap(train_blocks, tokenizer, t.fim, p.seed)
 
     torch.manual_seed(p.seed)  # scratch init is drawn from the seed
     model = modeling.build(m, tokenizer, t.block_size)
+    grow_embeddings(model, tokenizer, p)
     if m.lora.enabled:
         model = modeling.apply_lora(model, m.lora)
     total, trainable = modeling.count_params(model)
@@ -163,6 +185,9 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
 def save(model, tokenizer, p: Params, manifest: dict, metrics: dict, paths: Paths, ws: int,
          state_dict: dict | None = None) -> None:
     prov = provenance.provenance(p.seed, ws, paths.lock)
+    # What evaluate reads to know the model was trained to infill (evaluation/infill.py).
+    prov["fim"] = {"rate": p.train.fim.rate, "spm_rate": p.train.fim.spm_rate,
+                   "sentinels": fim_ids(tokenizer)}
     lora = p.model.lora.enabled
     with io.atomic_dir(paths.out) as d:
         if lora:
