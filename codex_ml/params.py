@@ -194,9 +194,6 @@ class Tokenizer(Strict):
             if s in ("<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"):
                 raise ValueError(f"{s!r} is a fill-in-the-middle sentinel (a control token, "
                                  "always in the vocabulary); remove it")
-            if s in ("<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"):
-                raise ValueError(f"{s!r} is a fill-in-the-middle sentinel (a control token, "
-                                 "always in the vocabulary); remove it")
         if len(set(v)) != len(v):
             raise ValueError("has duplicates")
         return v
