@@ -7,6 +7,7 @@ import json
 import posixpath
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
@@ -50,7 +51,7 @@ def split_unit(shared: tuple[Split, int], unit: tuple[str, int]) -> dict:
         sigs = []
         if cfg.leakage.enabled and s != "val":
             near = cached(_near, cfg.leakage.threshold, cfg.leakage.num_perm, cfg.leakage.shingle_size)
-            sigs = [near.signature(t) for t in part.column("text").to_pylist()]
+            sigs = [near.bands(near.signature(t)) for t in part.column("text").to_pylist()]
         out[s] = (part, part.column("id").to_pylist(), sigs)
     return out
 
@@ -69,19 +70,17 @@ def split(in_dir: Path, out_dir: Path, cfg: Split, seed: int, shard_bytes: int,
     nbytes = dict.fromkeys(SPLITS, 0)
     units = io.row_groups(in_dir, "docs")
     lk = cfg.leakage
-    train_lsh = _near(lk.threshold, lk.num_perm, lk.shingle_size) if lk.enabled else None
-    test_sigs = []
+    # Only the band keys are kept (8 bytes a band, 8 bands at the defaults): a test document is
+    # leaked when one of its bands equals the same band of a train document, as an LSH query.
+    bands = {"train": [], "test": []}
     with engine or Engine(workers=1) as eng:
         for parts in eng.map(split_unit, units, (cfg, seed)):
             for s, (table, part_ids, sigs) in parts.items():
                 writers[s].add_table(table)
                 ids[s] += part_ids
                 nbytes[s] += pa.compute.sum(table.column("bytes")).as_py() or 0
-                if s == "train":
-                    for sig in sigs:
-                        train_lsh.seen(sig)  # indexed once per near-duplicate cluster
-                elif s == "test":
-                    test_sigs += sigs
+                if sigs:
+                    bands[s].append(np.stack(sigs))
     total = sum(len(v) for v in ids.values())
     for s in SPLITS:
         if not ids[s]:
@@ -108,9 +107,14 @@ def split(in_dir: Path, out_dir: Path, cfg: Split, seed: int, shard_bytes: int,
                        sort_keys=True)
     manifest["dataset_version"] = sha256_text(canon)[:16]
     if lk.enabled:
-        leaked = sum(train_lsh.lsh_hit(sig) for sig in test_sigs)
-        manifest["leakage"] = {"test_documents": len(test_sigs),
+        train, test = (np.concatenate(bands[s]) if bands[s] else np.zeros((0, 1), np.uint64)
+                       for s in ("train", "test"))
+        hit = np.zeros(len(test), dtype=bool)
+        for j in range(test.shape[1] if len(train) else 0):
+            hit |= np.isin(test[:, j], train[:, j])
+        leaked = int(hit.sum())
+        manifest["leakage"] = {"test_documents": len(test),
                                "with_near_duplicate_in_train": leaked,
-                               "share": round(leaked / max(len(test_sigs), 1), 4),
+                               "share": round(leaked / max(len(test), 1), 4),
                                **lk.model_dump(exclude={"enabled"})}
     return manifest

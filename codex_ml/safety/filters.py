@@ -89,6 +89,14 @@ class NearDedup:
         self.n += 1
         return False
 
+    def bands(self, signature: np.ndarray) -> np.ndarray:
+        """The signature's LSH band keys (the index's own banding), 8 bytes each: two documents
+        are candidates when any band matches. Stable across processes, unlike hash()."""
+        b, r = self.lsh.b, self.lsh.r
+        return np.array([int.from_bytes(hashlib.blake2b(signature[j * r:(j + 1) * r].tobytes(),
+                                                        digest_size=8).digest(), "little")
+                         for j in range(b)], dtype=np.uint64)
+
     def lsh_hit(self, signature: np.ndarray) -> bool:
         """Whether a kept document is this similar (the index unchanged)."""
         return bool(self.lsh.query(self._new(signature)))
