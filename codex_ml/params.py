@@ -315,6 +315,13 @@ class Completion(Strict):
     max_new_tokens: int = Field(48, ge=1)
 
 
+class Infill(Strict):
+    """Single-line infilling (codex_ml/evaluation/infill.py): one hidden line per document, PSM
+    prompt, greedy; skipped for a model trained without FIM."""
+    num_docs: int = Field(32, ge=0)              # the first N test documents; 0: off
+    max_new_tokens: int = Field(32, ge=1)
+
+
 class HumanEval(Strict):
     """HumanEval pass@k, the generated code run in codex_ml/evaluation/sandbox.py. Off unless a
     params file turns it on: it executes model output (sandboxed; refused where no sandbox)."""
@@ -341,6 +348,7 @@ class Eval(Strict):
     context: int | None = Field(None, ge=8)      # window length; None: the model's max positions
     stride: int | None = Field(None, ge=1)       # window advance; None: half the context
     completion: Completion = Completion()
+    infill: Infill = Infill()
     humaneval: HumanEval = HumanEval()
 
     @model_validator(mode="after")

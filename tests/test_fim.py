@@ -167,3 +167,128 @@ def test_fim_params_are_in_the_fingerprint_and_validated():
     assert len({a, b, c}) == 3
     with pytest.raises(Exception, match="less than or equal to 1"):
         P.Fim(rate=1.5)
+
+
+# ---------------------------------------------------------------- inference and evaluation
+class Oracle(torch.nn.Module):
+    """A stand-in causal LM whose `generate` answers a known prompt with known ids (a line break
+    and more after them), so the infilling path is checked from prompt to score."""
+
+    def __init__(self, answers: dict, name: str = ""):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.answers, self.name_or_path, self.calls = answers, name, []
+        self.config = type("C", (), {"max_position_embeddings": 4096})()
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, **kw):
+        self.calls.append(dict(eos_token_id=eos_token_id, **kw))
+        rows = []
+        for x, m in zip(input_ids.tolist(), attention_mask.tolist()):
+            prompt = [t for t, k in zip(x, m) if k]
+            rows.append(x + self.answers.get(tuple(prompt), [])[:max_new_tokens])
+        width = max(map(len, rows))
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows])
+
+
+def test_infill_task_hides_one_non_blank_line_the_same_every_run():
+    from codex_ml.evaluation.infill import make_task
+
+    text = "import os\n\n\ndef f(x):\n    return x\r\n\nprint(f(1))\n"
+    pre, mid, suf = make_task(text)
+    assert pre + mid + suf == text and mid.strip() and "\n" not in mid and "\r" not in mid
+    assert suf.startswith(("\n", "\r\n")) and make_task(text) == (pre, mid, suf)
+    mids = {make_task(text + "#" * k)[1] for k in range(30)}  # the draw depends on the text
+    assert len(mids) > 1
+    assert make_task("\n  \n\n") is None and make_task("") is None
+
+
+def test_psm_prompt_spells_training_order_and_keeps_the_text_next_to_the_hole(workspace):  # noqa: F811
+    from codex_ml.tokenizer import psm_prompt
+
+    tok, _, _ = tiny_blocks(workspace)
+    ids = fim_ids(tok)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pre, suf = "def f(x):\n    y = x * 2\n", "\n    return y\n"
+    assert psm_prompt(tok, pre, suf) == [tok.eos_token_id, ids["<fim_prefix>"], *enc(pre),
+                                         ids["<fim_suffix>"], *enc(suf), ids["<fim_middle>"]]
+    long_pre, long_suf = "a = 1\n" * 200, "b = 2\n" * 200
+    cut = psm_prompt(tok, long_pre, long_suf, 40)
+    assert len(cut) == 40
+    i = cut.index(ids["<fim_suffix>"])
+    assert cut[2:i] == enc(long_pre)[-(i - 2):] and cut[i + 1:-1] == enc(long_suf)[:len(cut) - i - 2]
+    assert abs((i - 2) - (len(cut) - i - 2)) <= 1  # both sides get half the room
+    short = psm_prompt(tok, "x = 1\n", long_suf, 40)  # a short prefix leaves its room to the suffix
+    assert len(short) == 40 and short[2:short.index(ids["<fim_suffix>"])] == enc("x = 1\n")
+    assert set(psm_prompt(tok, HOSTILE, HOSTILE)[2:-1]) & set(ids.values()) == {ids["<fim_suffix>"]}
+
+
+def _oracle_for(tok, docs, right: bool, name=""):
+    from codex_ml.evaluation.infill import make_task
+    from codex_ml.tokenizer import psm_prompt
+
+    answers = {}
+    for d in docs:
+        pre, mid, suf = make_task(d["text"])
+        said = mid if right else mid + " # wrong"
+        answers[tuple(psm_prompt(tok, pre, suf, 4096 - 16))] = (
+            tok(said + "\n    more()\n", add_special_tokens=False)["input_ids"])
+    return Oracle(answers, name)
+
+
+def test_infill_evaluation_scores_the_generated_line(workspace, tmp_path):  # noqa: F811
+    from codex_ml.evaluation import infill
+    from codex_ml.params import Infill
+
+    tok, _, _ = tiny_blocks(workspace)
+    docs = [{"id": str(i), "path": f"{i}.py", "text": t} for i, t in enumerate(stdlib_texts(6))]
+    cfg = Infill(num_docs=5, max_new_tokens=64)
+    recs, sec = infill.evaluate(_oracle_for(tok, docs, True), tok, docs, cfg, 4096, 100, 0)
+    assert sec["enabled"] and sec["docs"] == 5 and len(recs) == 5
+    assert sec["exact_match"]["value"] == 1.0 and sec["edit_similarity"]["value"] == 1.0
+    assert all(r["prediction"] == r["hidden_line"] for r in recs)  # cut at the line break
+    recs, sec = infill.evaluate(model := _oracle_for(tok, docs, False), tok, docs, cfg, 4096, 100, 0)
+    assert sec["exact_match"]["value"] == 0.0 and 0.3 < sec["edit_similarity"]["value"] < 1.0
+    assert sec["exact_match"]["ci_low"] <= 0.0 <= sec["exact_match"]["ci_high"]
+    stops = model.calls[0]["eos_token_id"]
+    assert set(stops) == {tok.eos_token_id, fim_ids(tok)["<fim_pad>"]}
+
+
+def test_infill_is_skipped_for_a_model_trained_without_fim(workspace, tmp_path):  # noqa: F811
+    import json
+
+    from codex_ml.evaluation import infill
+    from codex_ml.params import Infill
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok, _, _ = tiny_blocks(workspace)
+    docs = [{"id": "0", "path": "0.py", "text": "x = 1\n"}]
+    (tmp_path / "provenance.json").write_text(json.dumps({"fim": {"rate": 0.0, "spm_rate": 0.5}}))
+    _, sec = infill.evaluate(Oracle({}, str(tmp_path)), tok, docs, Infill(), 4096, 100, 0)
+    assert sec == {"enabled": False, "skipped": f"trained without FIM (train.fim.rate = 0.0 in "
+                                                f"{tmp_path / 'provenance.json'})"}
+    (tmp_path / "provenance.json").write_text(json.dumps({"seed": 1}))  # a model from before FIM
+    assert "absent" in infill.evaluate(Oracle({}, str(tmp_path)), tok, docs, Infill(), 4096, 100, 0)[1]["skipped"]
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1},
+                                                                                unk_token="<unk>")),
+                                    unk_token="<unk>", eos_token="</s>")
+    assert infill.evaluate(Oracle({}), plain, docs, Infill(), 4096, 100, 0)[1]["skipped"] == \
+        "the tokenizer has no FIM sentinels"
+    assert infill.evaluate(Oracle({}), tok, docs, Infill(num_docs=0), 4096, 100, 0)[1]["skipped"] == \
+        "eval.infill.num_docs = 0"
+
+
+def test_generate_with_a_suffix_infills_and_without_continues(workspace):  # noqa: F811
+    from codex_ml.modeling.generate import generate
+    from codex_ml.tokenizer import psm_prompt
+
+    tok, _, _ = tiny_blocks(workspace)
+    pre, suf = "def f(x):\n", "\n    return y\n"
+    middle = tok("    y = x + 1", add_special_tokens=False)["input_ids"]
+    plain = [tok.eos_token_id, *tok(pre, add_special_tokens=False)["input_ids"]]
+    model = Oracle({tuple(psm_prompt(tok, pre, suf, 4096 - 8)): middle + [tok.eos_token_id],
+                    tuple(plain): tok("    pass", add_special_tokens=False)["input_ids"]})
+    assert generate(model, tok, pre, 8, temperature=0, suffix=suf) == "    y = x + 1"
+    assert model.calls[-1]["eos_token_id"] == [tok.eos_token_id, fim_ids(tok)["<fim_pad>"]]
+    assert generate(model, tok, pre, 8, temperature=0) == "    pass"
+    assert model.calls[-1]["eos_token_id"] == [tok.eos_token_id]

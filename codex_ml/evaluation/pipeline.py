@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from .. import io
 from ..params import Params
 from ..stage import UserError
-from . import completion, humaneval
+from . import completion, humaneval, infill
 from .baselines import compressed_bits
 from .bootstrap import mean_ci, ratio_ci
 from .lm import Scorer, context_length
@@ -68,6 +68,7 @@ def evaluate_model(model, tok, splits_dir: str | Path, out_dir: Path, p: Params)
     scorer = Scorer(model, tok, ctx, stride, e.batch_size)
     meta = {k: [] for k in ("id", "path", "bytes", "gzip_bits", "xz_bits")}
     prompts, rests, sources = [], [], []
+    infill_docs: list[dict] = []  # the first eval.infill.num_docs documents with a line to hide
     t0 = time.perf_counter()
     t_zip = 0.0
     n = 0
@@ -85,6 +86,8 @@ def evaluate_model(model, tok, splits_dir: str | Path, out_dir: Path, p: Params)
             for k, v in (("id", r["id"]), ("path", r["path"]), ("bytes", len(data)),
                          ("gzip_bits", c["gzip"]), ("xz_bits", c["xz"])):
                 meta[k].append(v)
+            if len(infill_docs) < e.infill.num_docs and infill.make_task(r["text"]):
+                infill_docs.append({k: r[k] for k in ("id", "path", "text")})
             if len(prompts) < e.completion.num_prompts:
                 split = completion.make_prompt(r["text"], e.completion.prompt_lines)
                 if split:
@@ -120,6 +123,14 @@ def evaluate_model(model, tok, splits_dir: str | Path, out_dir: Path, p: Params)
         comp = {k: (_ci(comp_ci[k]) if k in comp_ci else v) for k, v in comp.items()}
     t_comp = time.perf_counter() - t1
 
+    # Infilling: skipped (and said so) for a model not trained with FIM.
+    infill_records, infill_section = infill.evaluate(model, tok, infill_docs, e.infill, ctx,
+                                                     e.bootstrap, p.seed)
+    if infill_records:
+        with open(out_dir / "infill.jsonl", "w") as f:
+            for r in infill_records:
+                f.write(json.dumps(r) + "\n")
+
     # Generated code runs only in the sandbox (separate processes); none of it in this one.
     he_records, he = humaneval.evaluate(model, tok, e.humaneval, ctx, p.seed)
     if he_records:
@@ -150,6 +161,7 @@ def evaluate_model(model, tok, splits_dir: str | Path, out_dir: Path, p: Params)
         "bytes_per_token": cis["bytes_per_token"][0],
         "baselines": {"gzip_bits_per_byte": _ci(cis["gzip"]), "xz_bits_per_byte": _ci(cis["xz"])},
         "completion": {"samples": len(preds), **comp},
+        "infill": infill_section,
         "humaneval": he,
         "setup": {"context": ctx, "stride": stride, "bootstrap": e.bootstrap,
                   "parameters": sum(x.numel() for x in model.parameters()), "vocab_size": len(tok)},

@@ -260,6 +260,28 @@ def fim_ids(tok) -> dict[str, int] | None:
     return ids
 
 
+def psm_prompt(tok, prefix: str, suffix: str, max_tokens: int | None = None) -> list[int]:
+    """The ids of an infilling prompt as FIM training spells PSM: the EOS start token train_model
+    puts before every document, then <fim_prefix> prefix <fim_suffix> suffix <fim_middle>; the
+    model writes the middle and ends it with EOS. Parts are encoded apart, as in training, their
+    sentinel-looking text kept as text. Over `max_tokens` the prefix loses tokens from its start
+    and the suffix from its end (the text next to the hole is kept), the suffix keeping at least
+    half of what there is room for."""
+    ids = fim_ids(tok)
+    if ids is None:
+        raise UserError(f"this tokenizer has no FIM sentinels ({', '.join(FIM_TOKENS)}): the model "
+                        "cannot infill; retrain with train.fim.rate > 0")
+    kw = dict(add_special_tokens=False, split_special_tokens=True)
+    p, s = tok(prefix, **kw)["input_ids"], tok(suffix, **kw)["input_ids"]
+    if max_tokens is not None:
+        room = max(max_tokens - 4, 0)
+        if len(p) + len(s) > room:
+            keep_s = min(len(s), max(room // 2, room - len(p)))
+            keep_p = room - keep_s
+            p, s = (p[len(p) - keep_p:] if keep_p else []), s[:keep_s]
+    return [tok.eos_token_id, ids[FIM_PREFIX], *p, ids[FIM_SUFFIX], *s, ids[FIM_MIDDLE]]
+
+
 def ensure_fim_tokens(tok) -> str:
     """'present' when a base's tokenizer has StarCoder's four sentinels already (StarCoder,
     SantaCoder-style exports), else add them as special tokens and say 'added': train_model then
