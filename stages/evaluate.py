@@ -16,7 +16,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from codex_ml import io, params  # noqa: E402
 from codex_ml.evaluation import sandbox  # noqa: E402
-from codex_ml.evaluation.pipeline import evaluate_model, load_model  # noqa: E402
+from codex_ml.evaluation.pipeline import doc_scores, evaluate_model, load_model  # noqa: E402
 from codex_ml.stage import run  # noqa: E402
 
 log = logging.getLogger("codex.evaluate")
@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--splits", default="data/splits")
     ap.add_argument("--out", default="data/eval", help="per-document scores and predictions.jsonl")
     ap.add_argument("--metrics", default="metrics/eval.json")
+    ap.add_argument("--doc-scores", default="metrics/eval_docs.json",
+                    help="per-document bits (committed: the report's paired comparison)")
     a = ap.parse_args()
     p = params.load(a.params)
     if p.eval.humaneval.enabled:
@@ -40,6 +42,7 @@ def main() -> None:
         io.write_json(tmp / "run.json", {"model": a.model, "tokenizer": a.tokenizer or a.model,
                                           "splits": a.splits})
     io.write_json(a.metrics, m)
+    io.write_json(a.doc_scores, doc_scores(a.out))
     b, c = m["bits_per_byte"], m["completion"]
     log.info("evaluate: %d docs, %d tokens: bits/byte %.3f [%.3f, %.3f] (gzip %.3f, xz %.3f), "
              "top-1 %.3f, completion exact line %s -> %s", m["docs"], m["tokens"], b["value"],

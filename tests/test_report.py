@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from codex_ml import io
-from codex_ml.evaluation.pipeline import evaluate_model, load_model
+from codex_ml.evaluation.pipeline import doc_scores, evaluate_model, load_model
 from codex_ml.report.build import build, comparison_section, direction
 from codex_ml.report.inputs import Paths, gather
 
@@ -27,7 +27,8 @@ def paths(root: Path) -> Paths:
     return Paths(ingest=m / "ingest.json", sanitize=m / "sanitize.json", split=m / "split.json",
                  manifest=root / "data/splits/manifest.json", tokenizer=m / "tokenizer.json",
                  train=m / "train.json", train_live=m / "train", eval=m / "eval.json",
-                 eval_dir=root / "data/eval", provenance=root / "models/model/provenance.json")
+                 eval_dir=root / "data/eval", provenance=root / "models/model/provenance.json",
+                 eval_docs=m / "eval_docs.json")
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,7 @@ def run_dir(tmp_path_factory):
     model, tok = load_model(model_dir)
     (root / "data" / "eval").mkdir()
     io.write_json(m / "eval.json", evaluate_model(model, tok, splits, root / "data" / "eval", tiny_params()))
+    io.write_json(m / "eval_docs.json", doc_scores(root / "data" / "eval"))  # as stages/evaluate.py does
     return root
 
 
@@ -140,9 +142,13 @@ def test_stage_script_in_git_repo(run_dir, tmp_path):
     ev = json.loads((repo / "metrics/eval.json").read_text())
     ev["top5_accuracy"]["value"] -= 0.01
     io.write_json(repo / "metrics/eval.json", ev)
+    docs = json.loads((repo / "metrics/eval_docs.json").read_text())
+    docs["docs"]["nll_bits"] = [b * 0.9 for b in docs["docs"]["nll_bits"]]  # every document easier now
+    io.write_json(repo / "metrics/eval_docs.json", docs)
     r = subprocess.run([sys.executable, str(ROOT / "stages/report.py")], cwd=repo, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
     md = (repo / "reports/report.md").read_text()
     assert re.search(r"eval: top5_accuracy ↑ .*\*\*worse\*\*", md)
     assert re.search(r"eval: top1_accuracy ↑ .*\| same \|", md)
+    assert re.search(r"bits per byte: better, difference now - `HEAD` -\d\.\d+, 95% CI \[-.*over 5 documents", md)

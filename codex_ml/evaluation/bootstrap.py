@@ -49,3 +49,26 @@ def ratio_ci(num: dict[str, np.ndarray], den: dict[str, np.ndarray], resamples: 
 def mean_ci(values: dict[str, np.ndarray], resamples: int, seed: int, level: float = 0.95):
     """{name: (mean, low, high)}: a mean is the ratio sum(x) / sum(1)."""
     return ratio_ci(values, {k: np.ones(len(v)) for k, v in values.items()}, resamples, seed, level)
+
+
+def paired_diff_ci(num_new: np.ndarray, num_old: np.ndarray, den: np.ndarray, resamples: int,
+                   seed: int, level: float = 0.95) -> dict:
+    """The difference sum(num_new)/sum(den) - sum(num_old)/sum(den) over the same documents, with
+    a paired percentile bootstrap: each resample draws documents once for both runs, so what the
+    documents share (a hard file is hard for both) cancels and the interval is far narrower than
+    two separate ones. Also the bootstrap standard error and the smallest difference the set can
+    detect: (z_0.975 + z_0.80) x SE = 2.80 SE (5% two-sided, 80% power)."""
+    num_new, num_old, den = (np.asarray(x, dtype=np.float64) for x in (num_new, num_old, den))
+    n = len(den)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for done in range(0, resamples, 200):
+        idx = rng.integers(0, n, size=(min(200, resamples - done), n))
+        d = den[idx].sum(1)
+        diffs.append((num_new[idx].sum(1) - num_old[idx].sum(1)) / d)
+    diffs = np.concatenate(diffs)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(diffs, [alpha, 1 - alpha])
+    se = float(diffs.std(ddof=1))
+    return {"diff": float((num_new.sum() - num_old.sum()) / den.sum()), "ci_low": float(lo),
+            "ci_high": float(hi), "se": se, "min_detectable": 2.80 * se, "n": n}

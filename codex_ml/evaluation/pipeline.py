@@ -53,6 +53,25 @@ def load_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None):
     return model, tok
 
 
+def doc_scores(out_dir: Path) -> dict:
+    """The per-item scores a later run is compared with, pairwise (report): each test document's
+    bits and bytes (from docs.parquet) and each HumanEval problem's passed samples. Small enough
+    to commit (metrics/eval_docs.json); data/eval itself is not in git."""
+    docs = pq.read_table(Path(out_dir) / "docs.parquet", columns=["id", "bytes", "nll_bits"]).to_pydict()
+    out = {"docs": {"id": [i[:16] for i in docs["id"]], "bytes": docs["bytes"],
+                    "nll_bits": [round(b, 4) for b in docs["nll_bits"]]}}
+    he = Path(out_dir) / "humaneval.jsonl"
+    if he.exists():
+        per: dict[str, list[int]] = {}
+        for line in he.read_text().splitlines():
+            r = json.loads(line)
+            c = per.setdefault(r["problem"], [0, 0])
+            c[0] += bool(r["passed"])
+            c[1] += 1
+        out["humaneval"] = per
+    return out
+
+
 def _ci(t) -> dict:
     return {"value": t[0], "ci_low": t[1], "ci_high": t[2]}
 

@@ -10,7 +10,7 @@ import math
 import re
 from pathlib import Path
 
-from . import figures
+from . import figures, paired
 
 NA = "_not available_"
 # How to read a change, by metric name: True = higher is better, False = lower is better.
@@ -270,6 +270,7 @@ def comparison_section(c: dict) -> str:
                f"{NA}: no committed metrics at `{ref}` to compare with.\n")
     if missing and rows:
         out.append(f"\nNot compared (missing at `{ref}` or now): {', '.join(missing)}.\n")
+    out.append(paired.section(c.get("eval_docs"), c.get("committed_docs"), ref, seed=0))
     return "".join(out)
 
 

@@ -23,6 +23,7 @@ class Paths:
     train_live: Path = Path("metrics/train")
     eval: Path = Path("metrics/eval.json")
     eval_dir: Path = Path("data/eval")
+    eval_docs: Path = Path("metrics/eval_docs.json")  # per-document bits, committed: paired comparison
     provenance: Path = Path("models/model/provenance.json")
 
 
@@ -118,6 +119,8 @@ def gather(paths: Paths, compare_to: str, num_samples: int) -> dict:
     ctx["docs"] = read_docs(paths.eval_dir)
     ctx["compare_to"] = compare_to
     ctx["committed"] = {name: committed_json(getattr(paths, name), compare_to) for name in COMPARED}
+    ctx["eval_docs"] = read_json(paths.eval_docs)
+    ctx["committed_docs"] = committed_json(paths.eval_docs, compare_to)
     ctx["commit"] = git_describe()
     ctx["paths"] = paths
     return ctx
