@@ -292,3 +292,20 @@ def test_generate_with_a_suffix_infills_and_without_continues(workspace):  # noq
     assert model.calls[-1]["eos_token_id"] == [tok.eos_token_id, fim_ids(tok)["<fim_pad>"]]
     assert generate(model, tok, pre, 8, temperature=0) == "    pass"
     assert model.calls[-1]["eos_token_id"] == [tok.eos_token_id]
+
+
+def test_fim_blocks_in_loader_workers_train_the_same_weights(workspace, tmp_path):  # noqa: F811
+    """The GPU profile loads FIM blocks in worker processes (train.num_workers): the blocks are a
+    function of their index alone, so the weights are those of loading them in the main process."""
+    from codex_ml import modeling
+
+    tok, tr, va = tiny_blocks(workspace)
+    weights = []
+    for workers in (0, 2):
+        p = params(train=dict(max_steps=6, save_every=1000, eval_every=1000, num_workers=workers))
+        torch.manual_seed(p.seed)
+        model = modeling.build(p.model, tok, 32)
+        engine.train(model, fim.wrap(tr, tok, p.train.fim, p.seed), va, p.train, seed=p.seed,
+                     out_dir=tmp_path / str(workers))
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
