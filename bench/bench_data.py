@@ -87,6 +87,9 @@ def workspace(work: Path, code: Path, corpus: Path, steps: int, eval_docs: int, 
     p["train"].update(max_steps=steps, log_every=1, eval_every=max(steps, 1), save_every=max(steps, 1))
     p["eval"].update(max_docs=eval_docs)
     p["eval"]["completion"]["num_prompts"] = 4
+    # The code-model parts of evaluate run, but small: they are not what this measures.
+    p["eval"]["humaneval"].update(problems=4, num_samples=2)
+    p["eval"]["infill"]["num_docs"] = 8
     (ws / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     return ws
 
@@ -219,12 +222,18 @@ def main() -> None:
     ap.add_argument("--eval-docs", type=int, default=64)
     ap.add_argument("--raw-mb", type=float, default=256)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--compare-json", help="an earlier run's --json: its sizes join this run's "
+                    "tables and targets (say so when its code differs)")
     args = ap.parse_args()
     args.gb = args.gb or [1.0]
     args.scaling_gb = args.scaling_gb if args.scaling_gb is not None else args.gb[:1]
     args.code, commit = snapshot(Path(args.work))
     print(f"code: git {commit} (committed files only)", flush=True)
     results = [bench_size(args, gb) for gb in args.gb]
+    if args.compare_json:
+        earlier = json.loads(Path(args.compare_json).read_text())
+        print(f"compared with {args.compare_json} (git {earlier['commit']})")
+        results = sorted(earlier["results"] + results, key=lambda r: r["gb"])
     print("\n| stage | " + " | ".join(f"{r['gb']:g} GB: s / MB/s / peak MB" for r in results) + " |")
     print("|---|" + "---:|" * len(results))
     for stage in STAGES:
