@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline_utils import BIN, dvc, env, make_repo, ran_stages
 
@@ -39,13 +40,14 @@ def test_kill9_at_random_points_then_rerun_completes(tmp_path):
     dvc(repo, "repro")
     full = time.perf_counter() - t0
     stages = dvc(repo, "stage", "list", "--name-only").stdout.split()
+    cmds = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     rng = random.Random(1234)
     kills = 0
     for i in range(5):
         # Touch one stage's script: that stage and everything downstream of it reruns, and the
         # kill lands at a random moment inside that stretch of the pipeline.
         s = rng.choice(stages)
-        script = repo / "stages" / f"{s}.py"
+        script = repo / cmds[s]["cmd"].split()[1]  # stages/<script>.py
         script.write_text(script.read_text() + f"\n# round {i}\n")
         left = stages[stages.index(s):]
         p = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=env(),

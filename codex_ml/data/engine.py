@@ -19,6 +19,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -39,11 +40,20 @@ def resolve_workers(workers: int | str) -> int:
 _SHARED = None  # a pool worker's copy of the map's shared value
 
 
-def _init_worker(shared) -> None:
+def _init_worker(shared, pool: bool = False) -> None:
     global _SHARED
     # One worker = one core: the Rust tokenizer's own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _SHARED = shared
+    if pool and sys.platform.startswith("linux"):
+        # Die with the stage: a stage killed with SIGKILL runs no shutdown, and its workers would
+        # go on with the units already queued to them (seen: orphans burning CPU for minutes).
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the stage died before the line above ran
+            os._exit(1)
 
 
 def _call(fn: Callable, unit):
@@ -80,7 +90,7 @@ class Engine:
             # spawn, not fork: the parent may hold pyarrow's or the tokenizer's threads.
             with ProcessPoolExecutor(min(self.workers, len(units)),
                                      mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(shared,)) as pool:
+                                     initializer=_init_worker, initargs=(shared, True)) as pool:
                 yield from _windowed(lambda u: pool.submit(_call, fn, u), lambda f: f.result(),
                                      units, window)
 
