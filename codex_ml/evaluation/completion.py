@@ -106,7 +106,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, context, batch_size):
         x = torch.tensor([[pad] * (width - len(s)) + s for s in ids], device=device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids], device=device)
         first.width = width
-        gen = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+        gen = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=True,
                              do_sample=False, num_beams=1, pad_token_id=pad,
                              eos_token_id=tokenizer.eos_token_id,
                              logits_processor=LogitsProcessorList([first]))

@@ -134,7 +134,10 @@ def _generate(model, tokenizer, prompts, num_samples, temperature, top_p, max_ne
         x = torch.tensor([[pad] * (width - len(s)) + s for s in ids], device=device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids], device=device)
         with torch.inference_mode():
+            # use_cache: the models train_model saves say use_cache false (a training setting);
+            # without the KV cache every new token recomputes the whole sequence.
             gen = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 use_cache=True,
                                  num_return_sequences=num_samples, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id, stop_strings=list(STOP),
                                  tokenizer=tokenizer, **sampling)

@@ -75,7 +75,7 @@ def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_s
         width = max(map(len, ids))
         x = torch.tensor([[pad] * (width - len(s)) + s for s in ids], device=device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids], device=device)
-        gen = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+        gen = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=True,
                              do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=stop_ids,
                              stopping_criteria=stop)
         out += tok.batch_decode(gen[:, width:], skip_special_tokens=True)

@@ -46,7 +46,9 @@ def generate(model, tok, prompt: str, max_new_tokens: int = 64, temperature: flo
             ids = ids[:, -room:]
     sample = temperature > 0
     with torch.no_grad():
+        # use_cache: saved models say false (a training setting); generation needs the KV cache.
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             use_cache=True,
                              do_sample=sample, temperature=temperature if sample else None,
                              top_p=top_p if sample else None, pad_token_id=tok.pad_token_id,
                              eos_token_id=stop)
