@@ -1,11 +1,13 @@
-"""Atomic writes of DVC's own files (dvc.lock, dvc.yaml, params files).
+"""Atomic writes of DVC's own files (dvc.lock, dvc.yaml, params files, .dvc/tmp/rwlock).
 
 DVC 3.67.1 writes them in place: it truncates the file (`open(path, "w+")`), then dumps the new
 text. A `kill -9` between the two leaves a truncated dvc.lock, and the next `dvc repro` stops with
-"'./dvc.lock' validation failed" (seen in tests/test_faults.py's kill rounds). tools/install.py
-puts a one-line .pth file into the virtualenv that imports this module at interpreter start; it
-waits for DVC to import its serializer and swaps the writer for one that writes a temporary
-sibling and renames it over the file, so a kill leaves either the old or the new file.
+"'./dvc.lock' validation failed" (seen in tests/test_faults.py's kill rounds); a truncated
+rwlock stops it with "Unable to read RWLock-file '.dvc/tmp/rwlock'. JSON structure is corrupted"
+(seen there too, a kill landing as a stage started). tools/install.py puts a one-line .pth file
+into the virtualenv that imports this module at interpreter start; it waits for DVC to import its
+serializer and its rwlock module and swaps their writers for ones that write a temporary sibling
+and rename it over the file, so a kill leaves either the old or the new file.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import sys
 
 TARGET = "dvc.utils.serialize._common"
+RWLOCK = "dvc.rwlock"
 
 
 def alive(pid: str) -> bool:
@@ -58,12 +61,65 @@ def patch(module) -> None:
         module._dump_data = atomic(module._dump_data)
 
 
+class _AtomicFile:
+    """A text file written to a temporary sibling and renamed over `path` when closed whole."""
+
+    def __init__(self, path: str, **kw):
+        head, name = os.path.split(path)
+        self.path, self.tmp = path, os.path.join(head, f".tmp-{name}-{os.getpid()}")
+        self.fd = open(self.tmp, "w", **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.fd, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc):
+        self.fd.flush()
+        os.fsync(self.fd.fileno())
+        self.fd.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+
+
+class _AtomicWrites:
+    """A local DVC filesystem whose open(path, "w") is an _AtomicFile; all else passes through."""
+
+    def __init__(self, fs):
+        self._fs = fs
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def open(self, path, mode="r", **kw):
+        if "w" in mode and getattr(self._fs, "protocol", None) == "local":
+            return _AtomicFile(os.fspath(path), **kw)
+        return self._fs.open(path, mode, **kw)
+
+
+def patch_rwlock(module) -> None:
+    edit = module._edit_rwlock
+    if getattr(edit, "atomic", False):
+        return
+
+    def _edit_rwlock(lock_dir, fs, hardlink):
+        return edit(lock_dir, _AtomicWrites(fs), hardlink)
+    _edit_rwlock.atomic = True
+    module._edit_rwlock = _edit_rwlock
+
+
+PATCHES = {TARGET: patch, RWLOCK: patch_rwlock}
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     """Patches DVC's serializer right after it is imported: its siblings (_yaml, _json, _toml)
     import `_dump_data` by name, so the swap must happen before they run."""
 
     def find_spec(self, name, path, target=None):
-        if name != TARGET:
+        if name not in PATCHES:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
@@ -71,16 +127,17 @@ class _Finder(importlib.abc.MetaPathFinder):
 
             def exec_module(module):
                 run(module)
-                patch(module)
+                PATCHES[name](module)
 
             spec.loader.exec_module = exec_module
         return spec
 
 
 def install() -> None:
-    if TARGET in sys.modules:  # too late for the siblings' own references; patch what we can
-        patch(sys.modules[TARGET])
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+    for name, fix in PATCHES.items():
+        if name in sys.modules:  # too late for the siblings' own references; patch what we can
+            fix(sys.modules[name])
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
 
 
