@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import multiprocessing
 import os
@@ -79,16 +80,18 @@ class Engine:
         return f"{self.kind} engine, {self.workers} worker{'s' * (self.workers != 1)}"
 
     def map(self, fn: Callable, units: Iterable, shared=None, window: int | None = None) -> Iterator:
-        units = list(units)
+        units = iter(units)  # consumed lazily: a quarter of a million file runs need not be listed
+        head = list(itertools.islice(units, 2))
+        units = itertools.chain(head, units)
         window = window or 2 * self.workers
         if self.kind == "ray":
             yield from self._ray_map(fn, units, shared, window)
-        elif self.workers == 1 or len(units) <= 1:
+        elif self.workers == 1 or len(head) <= 1:
             _init_worker(shared)
             yield from (fn(shared, u) for u in units)
         else:
             # spawn, not fork: the parent may hold pyarrow's or the tokenizer's threads.
-            with ProcessPoolExecutor(min(self.workers, len(units)),
+            with ProcessPoolExecutor(self.workers,
                                      mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_init_worker, initargs=(shared, True)) as pool:
                 yield from _windowed(lambda u: pool.submit(_call, fn, u), lambda f: f.result(),

@@ -62,11 +62,11 @@ def _decode(data: bytes, max_bytes: int) -> tuple[str | None, str | None]:
 
 def _walk(root: Path, include: list[str], exclude: list[str], follow: bool, name: str,
           skips: Skips) -> Iterator[Path]:
-    """Files under root matching include and not exclude, sorted, with symlink loops detected."""
+    """Files under root matching include and not exclude, sorted, with symlink loops detected.
+    A generator: the walk is never held whole (a quarter of a million paths at 4 GB)."""
     inc = pathspec.PathSpec.from_lines("gitignore", include)
     exc = pathspec.PathSpec.from_lines("gitignore", exclude)
     seen_dirs: set[tuple[int, int]] = set()
-    out = []
 
     def visit(d: Path, ancestors: frozenset):
         try:
@@ -94,14 +94,13 @@ def _walk(root: Path, include: list[str], exclude: list[str], follow: bool, name
                     continue
                 if exc.match_file(rel + "/"):
                     continue
-                visit(Path(e.path), ancestors | {key})
+                yield from visit(Path(e.path), ancestors | {key})
             elif inc.match_file(rel) and not exc.match_file(rel):
                 if e.is_symlink() and not follow:
                     continue
-                out.append(Path(e.path))
+                yield Path(e.path)
 
-    visit(root, frozenset())
-    return iter(out)
+    return visit(root, frozenset())
 
 
 FILES_PER_UNIT = 64
@@ -134,10 +133,10 @@ def read_files(shared: tuple[str, str, int], rels: list[str]) -> tuple[list[dict
 def _file_docs(src: StdlibSource | DirectorySource, root: Path, max_bytes: int,
                skips: Skips, engine: Engine) -> Iterator[dict]:
     follow = getattr(src, "follow_symlinks", False)
-    rels = [f.relative_to(root).as_posix()
-            for f in _walk(root, src.include, src.exclude, follow, src.name, skips)]
-    with tqdm(total=len(rels), desc=f"ingest {src.name}", unit="file", mininterval=1,
-              leave=False, disable=None) as bar:
+    rels = (f.relative_to(root).as_posix()
+            for f in _walk(root, src.include, src.exclude, follow, src.name, skips))
+    with tqdm(desc=f"ingest {src.name}", unit="file", mininterval=1, leave=False,
+              disable=None) as bar:
         for docs, skipped in engine.map(read_files, chunked(rels, FILES_PER_UNIT),
                                         (src.name, str(root), max_bytes)):
             for reason, rel in skipped:
