@@ -26,7 +26,8 @@ python3 tools/profile.py /tmp/part.yaml >/dev/null
 cp params.yaml $OUT/$PART/params.yaml
 stage train_model --out models/model_$PART --checkpoints models/ck_$PART --live metrics/train_$PART \
   --metrics $OUT/$PART/train.json
-stage evaluate --model models/model_$PART --out data/eval_$PART --metrics $OUT/$PART/eval.json
+stage evaluate --model models/model_$PART --out data/eval_$PART --metrics $OUT/$PART/eval.json \
+  --doc-scores $OUT/$PART/eval_docs.json
 cp data/eval_$PART/humaneval.jsonl $OUT/$PART/ 2>/dev/null
 git checkout params.yaml 2>/dev/null
 python3 - "$OUT/$PART" <<'PY'
