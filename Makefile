@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test test-fast lock bench audit clean
+.PHONY: setup repro test test-fast lock bench audit docs clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ audit: setup
 	$(BIN)/python -m pip install -qq pip-audit detect-secrets
 	$(BIN)/pip-audit --strict -r requirements.lock --no-deps --disable-pip || echo "pip-audit: vulnerability database unreachable or findings above"
 	$(BIN)/python tools/secret_scan.py
+
+# docs/params.md from codex_ml/params.py's schema (tests/test_docs.py fails when it is stale).
+docs:
+	$(BIN)/python tools/gen_params_doc.py
 
 clean:
 	rm -rf $(VENV)

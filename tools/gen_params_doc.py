@@ -1,0 +1,191 @@
+"""Write docs/params.md from the typed schema in codex_ml/params.py (`make docs`).
+
+    python tools/gen_params_doc.py            # (re)write docs/params.md
+    python tools/gen_params_doc.py --check    # exit 1 if docs/params.md is stale
+
+One table per group: key, type (with its bounds), the schema's default, and a description taken
+from the field's `description=`, else its comment in codex_ml/params.py (trailing, then the
+comment lines just above it), else its trailing comment in params.yaml.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+import sys
+import tokenize
+import types
+import typing
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pydantic import BaseModel  # noqa: E402
+
+from codex_ml import params as schema  # noqa: E402
+
+OUT = ROOT / "docs" / "params.md"
+BOUNDS = {"Gt": ">", "Ge": "≥", "Lt": "<", "Le": "≤", "MinLen": "len ≥"}
+
+
+def source_comments(path: Path) -> dict[tuple[str, str], str]:
+    """(class name, field name) -> the field's comment in the schema's source."""
+    text = path.read_text()
+    lines = text.splitlines()
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                if t.type == tokenize.COMMENT}
+    out = {}
+    for cls in ast.walk(ast.parse(text)):
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        for st in cls.body:
+            if not (isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)):
+                continue
+            trailing = [comments[n] for n in range(st.lineno, st.end_lineno + 1) if n in comments]
+            above, n = [], st.lineno - 1
+            while n in comments and lines[n - 1].lstrip().startswith("#"):
+                above.insert(0, comments[n])
+                n -= 1
+            out[cls.name, st.target.id] = " ".join(trailing or above)
+    return out
+
+
+def yaml_comments(path: Path) -> dict[str, str]:
+    """Dotted key -> the trailing `# comment` of its line in params.yaml."""
+    out, stack = {}, []
+    for line in path.read_text().splitlines():
+        m = re.match(r"( *)([A-Za-z_]\w*):(.*)$", line)
+        if not m:
+            continue
+        indent = len(m.group(1))
+        stack = [(i, k) for i, k in stack if i < indent] + [(indent, m.group(2))]
+        rest = m.group(3)
+        if "#" in rest and rest.count('"', 0, rest.index("#")) % 2 == 0:
+            out[".".join(k for _, k in stack)] = rest[rest.index("#") + 1:].strip()
+    return out
+
+
+def first_sentence(text: str) -> str:
+    m = re.match(r"(.+?[.!?])(\s+[A-Z(]|$)", text)
+    return (m.group(1) if m else text).strip()
+
+
+def type_name(t) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Annotated:
+        meta = [m for a in args[1:] for m in (getattr(a, "metadata", None) or [a])]
+        return type_name(args[0]) + "".join(bounds(meta))
+    if origin is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        if all(isinstance(a, type) and issubclass(a, BaseModel) for a in kinds):
+            return "source (by `kind`)"
+        return " \\| ".join([type_name(a) for a in kinds] + (["null"] if len(kinds) < len(args) else []))
+    if origin is list:
+        return f"list of {type_name(args[0])}"
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        return "group"
+    return getattr(t, "__name__", str(t))
+
+
+def bounds(metadata) -> list[str]:
+    out = []
+    for m in metadata:
+        for attr in ("gt", "ge", "lt", "le", "min_length"):
+            v = getattr(m, attr, None)
+            if v is not None and type(m).__name__ in BOUNDS:
+                out.append(f" {BOUNDS[type(m).__name__]} {v:,}" if isinstance(v, int) else f" {BOUNDS[type(m).__name__]} {v}")
+    return out
+
+
+def default(f) -> str:
+    if f.is_required():
+        return "required"
+    v = f.default_factory() if f.default_factory else f.default
+    if isinstance(v, BaseModel):
+        return "(group)"
+    if isinstance(v, list) and v and isinstance(v[0], BaseModel):
+        return "[" + ", ".join(f"`kind: {x.kind}`" for x in v) + "]"
+    if v is None:
+        return "`null`"
+    if isinstance(v, bool):
+        return f"`{str(v).lower()}`"
+    if isinstance(v, list):
+        return "`[" + ", ".join(map(str, v)) + "]`" if len(str(v)) < 60 else f"{len(v)} globs (see the schema)"
+    return f"`{v:,}`" if isinstance(v, int) and v >= 10_000 else f"`{v}`"
+
+
+def model_class(t):
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def render() -> str:
+    src = source_comments(ROOT / "codex_ml" / "params.py")
+    ymlc = yaml_comments(ROOT / "params.yaml")
+    out = ["# Params reference", "",
+           "<!-- generated by tools/gen_params_doc.py from codex_ml/params.py: edit the schema, "
+           "then `make docs` -->", "",
+           "Every key of `params.yaml`, as `codex_ml/params.py` validates it. *Default* is the "
+           "schema's value, used when a key is left out; the committed `params.yaml` sets some "
+           "keys to other values (read it for the default run's configuration). Unknown keys, "
+           "wrong types and values outside the bounds stop a stage with exit 2 and one line "
+           "naming the key.", ""]
+
+    def table(prefix: str, cls: type[BaseModel], skip=()) -> list[str]:
+        doc = " ".join((cls.__doc__ or "").split())
+        rows, nested = [], []
+        for name, f in cls.model_fields.items():
+            if name in skip:
+                continue
+            key = f"{prefix}.{name}" if prefix else name
+            sub = model_class(f.annotation)
+            if sub is not None:
+                nested.append((key, sub))
+            desc = f.description or src.get((cls.__name__, name)) or ymlc.get(key, "")
+            typ = type_name(f.annotation) + "".join(bounds(f.metadata))
+            desc = (f"[below](#{key.replace('.', '')})" if sub is not None
+                    else first_sentence(desc))
+            desc = desc.replace("|", r"\|")
+            rows.append(f"| `{key}` | {typ} | {default(f)} | {desc} |")
+        lines = [f"## `{prefix}`" if prefix else "## top level", ""]
+        if doc and not doc.startswith(("A base class", "Usage docs")):
+            lines += [doc, ""]
+        lines += ["| key | type | default | description |", "|---|---|---|---|", *rows, ""]
+        for key, sub in nested:
+            lines += table(key, sub)
+        return lines
+
+    out += table("", schema.Params, skip=[n for n, f in schema.Params.model_fields.items()
+                                         if model_class(f.annotation)])
+    for name, f in schema.Params.model_fields.items():
+        cls = model_class(f.annotation)
+        if cls is None:
+            continue
+        out += table(name, cls)
+        if cls is schema.Ingest:  # the sources: one table per kind
+            src_type = typing.get_args(cls.model_fields["sources"].annotation)[0]
+            for kind_cls in typing.get_args(typing.get_args(src_type)[0]):
+                kinds = typing.get_args(kind_cls.model_fields["kind"].annotation)
+                out += [f"### `ingest.sources[]` with `kind: {' | '.join(kinds)}`", "",
+                        *table("ingest.sources[]", kind_cls)[2:]]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main() -> int:
+    text = render()
+    if "--check" in sys.argv:
+        stale = not OUT.exists() or OUT.read_text() != text
+        print(f"{OUT.relative_to(ROOT)} is {'stale: run make docs' if stale else 'up to date'}")
+        return int(stale)
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text(text)
+    print(f"wrote {OUT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
