@@ -1,5 +1,6 @@
 """The documentation stays true to the repository: docs/params.md is what the schema generates,
-and every relative link in README.md and docs/*.md names a file or folder that exists."""
+and every relative link in README.md and docs/*.md names a file or folder that exists (and, for
+a Markdown file, a heading that exists)."""
 
 import importlib.util
 import re
@@ -10,6 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(md: Path) -> set[str]:
+    """GitHub's heading ids: lower case, punctuation dropped, spaces as hyphens."""
+    heads = re.findall(r"^#+ (.+)$", md.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
 
 
 def _generator():
@@ -46,9 +53,10 @@ def test_params_doc_lists_every_schema_key():
 def test_relative_links_point_to_existing_files(doc):
     broken = []
     for target in LINK.findall(doc.read_text()):
-        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # a URL or an anchor in the same page
-        path = target.split("#", 1)[0]
-        if not (doc.parent / path).exists():
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL
+        path, _, anchor = target.partition("#")
+        dest = doc.parent / path if path else doc
+        if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in _anchors(dest)):
             broken.append(target)
-    assert not broken, f"{doc.relative_to(ROOT)}: links to missing files: {broken}"
+    assert not broken, f"{doc.relative_to(ROOT)}: links to missing files or headings: {broken}"
