@@ -95,10 +95,10 @@ def type_name(t) -> str:
 def bounds(metadata) -> list[str]:
     out = []
     for m in metadata:
-        for attr in ("gt", "ge", "lt", "le", "min_length"):
-            v = getattr(m, attr, None)
-            if v is not None and type(m).__name__ in BOUNDS:
-                out.append(f" {BOUNDS[type(m).__name__]} {v:,}" if isinstance(v, int) else f" {BOUNDS[type(m).__name__]} {v}")
+        sym = BOUNDS.get(type(m).__name__)
+        if sym:
+            v = next(getattr(m, a) for a in ("gt", "ge", "lt", "le", "min_length") if hasattr(m, a))
+            out.append(f" {sym} {v:,}" if isinstance(v, int) else f" {sym} {v}")
     return out
 
 
@@ -115,7 +115,8 @@ def default(f) -> str:
     if isinstance(v, bool):
         return f"`{str(v).lower()}`"
     if isinstance(v, list):
-        return "`[" + ", ".join(map(str, v)) + "]`" if len(str(v)) < 60 else f"{len(v)} globs (see the schema)"
+        short = len(str(v)) < 60
+        return "`[" + ", ".join(map(str, v)) + "]`" if short else f"{len(v)} items (codex_ml/params.py)"
     return f"`{v:,}`" if isinstance(v, int) and v >= 10_000 else f"`{v}`"
 
 
