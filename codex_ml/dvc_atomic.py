@@ -118,6 +118,8 @@ class _Finder(importlib.abc.MetaPathFinder):
     """Patches DVC's serializer right after it is imported: its siblings (_yaml, _json, _toml)
     import `_dump_data` by name, so the swap must happen before they run."""
 
+    codex_dvc_atomic = True  # one finder, whether loaded as codex_ml.dvc_atomic or by file path
+
     def find_spec(self, name, path, target=None):
         if name not in PATCHES:
             return None
@@ -137,7 +139,7 @@ def install() -> None:
     for name, fix in PATCHES.items():
         if name in sys.modules:  # too late for the siblings' own references; patch what we can
             fix(sys.modules[name])
-    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+    if not any(getattr(f, "codex_dvc_atomic", False) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
 
 

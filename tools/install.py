@@ -39,13 +39,21 @@ def main() -> None:
     installed = importlib.metadata.version("torch")
     if "+cpu" not in installed:
         subprocess.run([*PIP, "-r", "requirements-cuda.lock"], check=True)
+    # Editable as a sys.path entry (compat), not setuptools' default import hook: the hook maps
+    # `codex_ml` to this checkout ahead of sys.path, so a copy of the repository (a queued
+    # `dvc exp run`, a benchmark's snapshot of another commit) would run this checkout's code.
     subprocess.run([sys.executable, "-m", "pip", "install", "-qq", "--no-deps",
-                    "--no-build-isolation", "-e", "."], check=True)
-    # DVC writes dvc.lock in place; codex_ml.dvc_atomic makes those writes atomic in every process
-    # of this environment (see its docstring). Guarded: a broken checkout must not break Python.
+                    "--no-build-isolation", "-e", ".", "--config-settings", "editable_mode=compat"],
+                   check=True)
+    # DVC writes dvc.lock in place; codex_ml/dvc_atomic.py makes those writes atomic in every
+    # process of this environment (see its docstring). Loaded as a file, not as part of the
+    # codex_ml package, so no codex_ml is imported before a stage puts its own checkout first.
+    # Guarded: a moved checkout must not break Python.
+    atomic = os.path.abspath("codex_ml/dvc_atomic.py")
     with open(os.path.join(sysconfig.get_paths()["purelib"], "codex_dvc_atomic.pth"), "w") as f:
-        f.write('import importlib.util as u; u.find_spec("codex_ml") and '
-                '__import__("codex_ml.dvc_atomic")\n')
+        f.write(f"import os, importlib.util as u; s = os.path.exists({atomic!r}) and "
+                f"u.spec_from_file_location('codex_dvc_atomic', {atomic!r}); "
+                "s and s.loader.exec_module(u.module_from_spec(s))\n")
     subprocess.run([sys.executable, "-m", "pip", "check"], check=True)
     print(f"installed: torch {installed}")
 
