@@ -21,7 +21,8 @@ def stage(ws: Path, name: str, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600,
                           env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                                "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
-                               "OMP_NUM_THREADS": "1"})
+                               "OMP_NUM_THREADS": "1",
+                               "PYTHONPATH": str(ws / "hidden")})  # hide_package's
 
 
 def write_params(ws: Path, over: dict | None = None) -> None:
@@ -111,11 +112,24 @@ CASES = [
      "made with another tokenizer"),
     ("fused-loss-with-lora-on-lm-head", "train_model",
      lambda ws: write_params(ws, {"model": {"init": "pretrained", "base": "models/model", "lora": {
-         "enabled": True, "target_modules": ["q_proj", "lm_head"]}}, "train": {"loss": "fused"}}),
-     "train.loss = fused: its lm_head is not a plain Linear"),
+         "enabled": True, "target_modules": ["q_proj", "lm_head"]}}, "train": {"engine": {"loss": "fused"}}}),
+     "train.engine.loss = fused: its lm_head is not a plain Linear"),
+    ("lever-that-cannot-apply", "train_model",
+     lambda ws: write_params(ws, {"train": {"precision": "fp32", "engine": {"bf16_weights": "on"}}}),
+     "train.engine.bf16_weights = on: train.precision is fp32, not bf16"),
+    ("tracker-package-missing", "train_model",
+     lambda ws: write_params(ws, {"train": {"report_to": ["mlflow"]}}) or hide_package(ws, "mlflow"),
+     "train.report_to: mlflow needs the mlflow package"),
     ("batch-larger-than-data", "train_model",
      lambda ws: write_params(ws, {"train": {"batch_size": 10**6}}), "fewer than one step needs"),
 ]
+
+
+def hide_package(ws: Path, name: str) -> None:
+    """`name` unimportable for the stage (a package of that name that fails, first on its path):
+    the stage's check must name it, installed here or not."""
+    (ws / "hidden" / name).mkdir(parents=True)
+    (ws / "hidden" / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

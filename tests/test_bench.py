@@ -11,11 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_training import workspace  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~1 min: one process per variant
 def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path):  # noqa: F811
     out = tmp_path / "bench.json"
     r = subprocess.run(
@@ -23,15 +25,15 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
          "--steps", "12", "--skip", "4", "--profile", "2", "--sync-debug",
          "--tokenizer", workspace / "models" / "tokenizer", "--tokens", workspace / "data" / "tokens",
          "--variants", "baseline,baseline-causal=causal:1,engine,"
-         "engine-blocking=blocking_copy:1+rope_table:0+loss:fused"
-         "+inductor:coordinate_descent_tuning/triton.mix_order_reduction=0+clip:unfused+residual:fp32"
-         "+fused_proj:qkv+cat:pointwise+weights:cast+adamw:torch+cublas_workspace:default"
-         "+ce_rows:8192/16/0+log_sync:1",
+         "engine-levers=engine.rope_table:off+engine.loss:fused+engine.causal_attention:off"
+         "+inductor:coordinate_descent_tuning/triton.mix_order_reduction=0+engine.fused_clip:off"
+         "+engine.bf16_residual:off+engine.fused_proj:qkv+engine.bf16_weights:off"
+         "+engine.fused_adamw:off+engine.cublas_workspace:on+engine.deferred_logs:off+log_every:2",
          "--out", out],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert set(rows) == {"baseline", "baseline-causal", "engine", "engine-blocking"}, r.stdout[-2000:]
+    assert set(rows) == {"baseline", "baseline-causal", "engine", "engine-levers"}, r.stdout[-2000:]
     for name, row in rows.items():
         assert row["tokens_per_s"] > 0 and row["losses"], name
         prof = row["profile"]
@@ -56,19 +58,19 @@ def test_gpu_benchmark_runs_every_variant_kind_on_the_cpu(workspace, tmp_path): 
 
 def test_gpu_benchmark_runs_the_engine_under_torchrun(workspace, tmp_path):  # noqa: F811
     """Two ranks (gloo here, NCCL on GPUs): DDP throughput and its kernel profile, rank 0 reports,
-    also for the ablation without bucket views; the plain loop is skipped (one GPU only)."""
+    also with the bf16 all-reduce; the plain loop is skipped (one GPU only)."""
     out = tmp_path / "ddp.json"
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          ROOT / "bench" / "bench_train_gpu.py", "--cpu-smoke", "--seq", "64", "--steps", "12",
          "--skip", "4", "--profile", "2", "--tokenizer", workspace / "models" / "tokenizer",
          "--tokens", workspace / "data" / "tokens", "--variants",
-         "baseline,engine,engine-copy=bucket_view:0", "--out", out],
+         "baseline,engine,engine-bf16=ddp_allreduce:bf16", "--out", out],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["world_size"] == 2 and set(report["rows"]) == {"engine", "engine-copy"}
+    assert report["world_size"] == 2 and set(report["rows"]) == {"engine", "engine-bf16"}
     for row in report["rows"].values():
         assert row["tokens_per_s"] > 0 and row["profile"]
 
@@ -103,7 +105,7 @@ def test_the_plain_loop_draws_the_engines_batches_in_the_engines_order(workspace
         with_kwargs=True)
     engine.train(model, blocks, blocks[:4], p.train, seed=p.seed, out_dir=tmp_path)
     want = bench.engine_batches(n, p.train.batch_size, p.seed)
-    assert seen == [next(want).tolist() for _ in range(7)]
+    assert seen == [[int(i) for i in next(want)] for _ in range(7)]
 
 
 def test_the_profiles_communication_measure_counts_only_time_nothing_else_runs():

@@ -1,5 +1,6 @@
 """The engine's fused linear cross-entropy (codex_ml/training/fused_ce.py) on the CPU: the torch
-path of the op, the model hook, and the engine's choice. The Triton kernel itself is checked
+path of the op, the model hook, the loop's loss module (engine.CausalLMLoss), and the engine's
+choice (transforms.resolve). The Triton kernel itself is checked
 against the torch path by tests/test_gpu.py."""
 
 from __future__ import annotations
@@ -104,39 +105,73 @@ def test_the_op_gives_zero_loss_and_gradient_for_ignored_rows():
     assert torch.allclose(gh, h.grad) and torch.allclose(gw, w.grad)
 
 
+def test_the_loops_loss_module_is_the_summed_token_loss_either_way():
+    """engine.CausalLMLoss, the training graph: fused or the model's own, the summed loss over the
+    counted tokens (labels shifted by one, -100 ignored; the loop divides by the step's count)
+    with the same gradients, including the tied embedding's."""
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=96, tie_word_embeddings=True).train()
+    x = torch.randint(0, 96, (3, 20))
+    labels = x.clone()
+    labels[0, 5:9] = -100
+    logits = model(input_ids=x).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), labels[:, 1:].reshape(-1),
+                                             reduction="sum")
+    assert engine.counted(labels) == 3 * 19 - 4
+    grads = {}
+    for fused in (False, True):
+        model.zero_grad()
+        loss = engine.CausalLMLoss(model, fused)(x, labels)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+        loss.backward()
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_engine_trains_the_same_curve_with_the_fused_loss(workspace, tmp_path):  # noqa: F811
     """On the CPU the default is the model's own loss; asked for, the fused loss trains the same
     run (fp32: the same losses to float rounding) and says so in the result."""
     tok, tr, va = tiny_blocks(workspace)
     curves = {}
     for choice in ("auto", "fused"):
-        p = params(train=dict(max_steps=8, eval_every=1000, save_every=1000, log_every=2, loss=choice))
+        p = params(train=dict(max_steps=8, eval_every=1000, save_every=1000, log_every=2,
+                              engine=dict(loss=choice)))
         torch.manual_seed(p.seed)
         model = modeling.build(p.model, tok, 32)
         head_calls = []  # the fused loss reads lm_head's weight and never calls the module
         model.lm_head.register_forward_hook(lambda m, a, o: head_calls.append(m.training))
-        trainer, res = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path / choice)
-        curves[res.loss] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        out = engine.train(model, tr, va, p.train, seed=p.seed, out_dir=tmp_path / choice)
+        res = out.result
+        curves[res.loss] = [h["loss"] for h in out.state.log_history if "loss" in h]
         assert res.final_val_loss is not None
         assert any(head_calls) == (res.loss == "model")
+        assert False in head_calls  # evaluation: the model's own forward either way
     assert set(curves) == {"model", "fused"}
     assert curves["fused"] == pytest.approx(curves["model"], abs=1e-4), curves
 
 
 def test_fused_loss_where_it_cannot_stand_in_is_refused_or_left_off():
-    from codex_ml.params import Lora
+    from codex_ml.params import Lora, Train
+    from codex_ml.training import transforms
 
-    t = params().train
+    def loss(choice, model, sharded=False):
+        return transforms.resolve(Train(engine=dict(loss=choice)), model, sharded=sharded).loss
+
     plain = tiny_llama()
-    assert engine.resolve_loss("auto", plain, t, liger=False) == "model"  # CPU
-    assert engine.resolve_loss("fused", plain, t, liger=False) == "fused"
+    assert loss("auto", plain) == "model"  # CPU
+    assert loss("fused", plain) == "fused"
+    assert loss("model", plain) == "model"
     lora_head = modeling.apply_lora(tiny_llama(), Lora(target_modules=["q_proj", "lm_head"]))
     assert fused_ce.applies(modeling.apply_lora(tiny_llama(), Lora(target_modules=["q_proj"]))) is None
-    with pytest.raises(UserError, match="train.loss = fused: .*lm_head.*use auto or model"):
-        engine.resolve_loss("fused", lora_head, t, liger=False)
-    with pytest.raises(UserError, match="Liger"):
-        engine.resolve_loss("fused", plain, t, liger=True)
+    with pytest.raises(UserError, match="train.engine.loss = fused: .*lm_head.*use auto or model"):
+        loss("fused", lora_head)
+    assert loss("auto", lora_head) == "model"
+    with pytest.raises(UserError, match="train.engine.loss = fused: FSDP shards lm_head"):
+        loss("fused", plain, sharded=True)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     assert "GPT2LMHeadModel is not one of" in fused_ce.applies(gpt2)
+    with pytest.raises(UserError, match="GPT2LMHeadModel is not one of"):
+        loss("fused", gpt2)
