@@ -1,4 +1,4 @@
-"""Engine (HF Trainer) vs a plain PyTorch loop: tokens/s on the same model, data and batch, one run.
+"""The engine (codex_ml/training/engine.py) vs a plain PyTorch loop: tokens/s on the same model, data and batch, one run.
 
     .venv/bin/python bench/bench_train_cpu.py [--steps 30] [--rounds 2] [--compile]
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import TrainerCallback, get_scheduler  # noqa: E402
+from transformers import get_scheduler  # noqa: E402
 
 from codex_ml.params import Model, Train  # noqa: E402
 from codex_ml.training import engine  # noqa: E402
@@ -38,16 +38,20 @@ class _Vocab:
         return self.n
 
 
-class _Timer(TrainerCallback):
+class _Timer:
+    """engine.train's on_step: the time from the end of step `warmup` to the end of the run."""
+
     def __init__(self, warmup):
-        self.warmup, self.t = warmup, None
+        self.warmup, self.t, self.end = warmup, None, None
 
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.warmup:
+    def __call__(self, step):
+        if step == self.warmup:
             self.t = time.perf_counter()
+        self.end = time.perf_counter()
 
-    def on_train_end(self, args, state, control, **kw):
-        self.elapsed = time.perf_counter() - self.t
+    @property
+    def elapsed(self):
+        return self.end - self.t
 
 
 def plain_loop(model, blocks, t: Train, steps: int, warmup: int) -> float:
@@ -84,12 +88,13 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--compile", action="store_true", help="torch.compile both sides")
     ap.add_argument("--loss", default="auto", choices=["auto", "fused", "model"],
-                    help="the engine's train.loss (auto = the model's own on a CPU)")
+                    help="the engine's train.engine.loss (auto = the model's own on a CPU)")
     a = ap.parse_args()
 
     m, t = Model(), Train()  # the default profile's shapes
-    t = t.model_copy(update=dict(compile="on" if a.compile else "off", loss=a.loss, eval_every=10**6,
-                                 save_every=10**6, log_every=10**6, eval_batches=1))
+    t = Train(**{**t.model_dump(), **dict(eval_every=10**6, save_every=10**6, log_every=10**6,
+                                          eval_batches=1),
+                 "engine": {"compile": "on" if a.compile else "off", "loss": a.loss}})
     torch.manual_seed(0)
     from codex_ml.modeling import build_scratch
     base = build_scratch(m, _Vocab(a.vocab), t.block_size)
@@ -107,7 +112,7 @@ def main() -> None:
         timer = _Timer(a.warmup)
         with tempfile.TemporaryDirectory() as d:
             engine.train(model, blocks, blocks[:1], t, seed=0, out_dir=d, max_steps=a.steps,
-                         callbacks=[timer])
+                         on_step=timer)
         best["engine"] = min(best["engine"], timer.elapsed)
         model = copy.deepcopy(base)
         if a.compile:

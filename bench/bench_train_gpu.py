@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -24,7 +23,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -32,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codex_ml import params  # noqa: E402
 from codex_ml.modeling import build_scratch, load_tokenizer  # noqa: E402
-from codex_ml.training import engine  # noqa: E402
+from codex_ml.training import engine, transforms  # noqa: E402
 from codex_ml.data.tokens import TokenBlocks  # noqa: E402
 
 # What torch says for each sync in sync-debug mode. Not just "synchroniz": turning the mode on
@@ -238,14 +236,9 @@ def make_model(tok, shape: dict, seed: int):
 
 
 def engine_batches(n: int, batch: int, seed: int):
-    """The engine's batches of block indices, in its order, so both loops see the same data and
-    their loss curves compare step by step: accelerate's seedable sampler permutes the blocks with
-    seed + epoch each epoch, and the Trainer drops the last partial batch (tests/test_bench.py
-    checks this against the engine)."""
-    for epoch in itertools.count():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        for i in range(n // batch):
-            yield perm[i * batch:(i + 1) * batch]
+    """The engine's batches of block indices (engine.Order, one rank), so both loops see the same
+    data and their loss curves compare step by step."""
+    return iter(engine.Order(n, batch, 1, 0, seed))
 
 
 def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
@@ -300,92 +293,47 @@ def baseline(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, see
 
 def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, overrides,
                probe: Probe | None = None) -> dict:
+    """The engine with params' defaults and `overrides` (train keys; train.engine levers as
+    engine.NAME, e.g. engine.fused_proj:off). Bench-only settings: float8:tensorwise|rowwise with
+    float8_skip:lm_head/..., inductor:SETTING/SETTING=0 (inductor booleans), blas:cublaslt."""
     if "float8" in overrides:
         convert_float8(model, overrides.pop("float8"),
                        tuple(x for x in overrides.pop("float8_skip", "").split("/") if x))
-    # inductor:NAME/NAME=0 turns those boolean inductor settings on (off with =0) for this variant,
-    # e.g. coordinate_descent_tuning (block sizes of the generated kernels tuned while compiling).
     import torch._inductor.config
 
     inductor = {k: v != "0" for k, _, v in (x.partition("=") for x in overrides.pop("inductor", "").split("/")
                                             if x)}
-    blocking_copy = overrides.pop("blocking_copy", None)
-    no_rope_table = overrides.pop("rope_table", "1") == "0"
-    bucket_view = overrides.pop("bucket_view", "1") == "1"  # 0: DDP copies gradients out of its buckets
-    # blas:cublaslt routes every GEMM through cuBLASLt instead of torch's default cuBLAS for plain
-    # mm (measured ±0; the 220 memsets a step at 16 x 1024 stay: cuBLAS sets them before its GEMMs).
     blas = overrides.pop("blas", None)
-    fused_clip = overrides.pop("clip", "fused") == "fused"  # unfused: the Trainer's clipping pass
-    bf16_residual = overrides.pop("residual", "bf16") == "bf16"  # fp32: the embedding's dtype
-    fused_proj = overrides.pop("fused_proj", engine.FUSED_PROJ)  # qkv|all: one matmul per group
-    pointwise_cat = overrides.pop("cat", None) == "pointwise"
-    bf16_weights = overrides.pop("weights", "bf16") == "bf16"  # cast: autocast casts them each step
-    fused_adamw = overrides.pop("adamw", "triton") == "triton"  # torch: torch's fused AdamW + copy pass
-    # default: torch's cuBLAS workspace (this process's first variant must be this one to tell)
-    no_workspace = overrides.pop("cublas_workspace", "none") == "none"
-    deferred_logs = overrides.pop("log_sync", "0") == "0"  # 1: the Trainer reads the loss at each log
-    # BLOCK/warps/reverse(0|1) of the loss's row kernel, e.g. 8192/16/0 (sessions 7-12)
-    ce_rows = engine.fused_ce.ROWS
-    if "ce_rows" in overrides:
-        block, warps, reverse = map(int, overrides.pop("ce_rows").split("/"))
-        ce_rows = (block, warps, bool(reverse))
-    t = params.Train(**{**dict(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
-                               max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10,
-                               eval_batches=1), **overrides})  # e.g. engine-log50=log_every:50
-    # Everything this variant changes, undone when it ends (the next variant runs in this process).
+    train = dict(block_size=blocks.shape[1], batch_size=batch, lr=lr, warmup_steps=warmup,
+                 max_steps=steps, eval_every=10**6, save_every=10**6, log_every=10, eval_batches=1)
+    levers = {k.removeprefix("engine."): v for k, v in overrides.items() if k.startswith("engine.")}
+    train.update({k: v for k, v in overrides.items() if not k.startswith("engine.")})
+    t = params.Train(**train, engine=levers)
+    # Settings torch reads once per process: this variant's process is its own (each_in_own_process).
+    for k, v in transforms.process_env(t, engine.sharded(t)).items():
+        os.environ.setdefault(k, v)
     changes = contextlib.ExitStack()
     changes.enter_context(torch._inductor.config.patch(inductor))
-    if blocking_copy:  # ablation: accelerate's default blocking batch copy
-        orig_args = engine.training_args
-
-        def blocking(*a, **k):
-            args = orig_args(*a, **k)
-            args.accelerator_config.non_blocking = args.dataloader_pin_memory = False
-            return args
-        changes.enter_context(mock.patch.object(engine, "training_args", blocking))
-    if no_rope_table:  # ablation: rotary cos/sin computed in every layer, every step
-        changes.enter_context(mock.patch.object(
-            engine, "rope_table", lambda model, length=0: contextlib.nullcontext()))
-    changes.enter_context(mock.patch.object(engine, "DDP_BUCKET_VIEW", bucket_view))
-    changes.enter_context(mock.patch.object(engine, "FUSED_CLIP", fused_clip))
-    changes.enter_context(mock.patch.object(engine, "BF16_RESIDUAL", bf16_residual))
-    changes.enter_context(mock.patch.object(engine, "FUSED_PROJ", "" if fused_proj == "0" else fused_proj))
-    changes.enter_context(mock.patch.object(engine, "BF16_WEIGHTS", bf16_weights))
-    changes.enter_context(mock.patch.object(engine, "FUSED_ADAMW", fused_adamw))
-    changes.enter_context(mock.patch.object(engine, "CUBLAS_NO_WORKSPACE", no_workspace))
-    changes.enter_context(mock.patch.object(engine.fused_ce, "ROWS", ce_rows))
-    changes.enter_context(mock.patch.object(engine, "DEFERRED_LOGS", deferred_logs))
-    if pointwise_cat:  # ablation: inductor's own lowering of the fused projections' backward cat
-        changes.enter_context(mock.patch.object(engine, "wide_cat_slices",
-                                                lambda on: contextlib.nullcontext()))
     if blas:
         changes.callback(torch.backends.cuda.preferred_blas_library,
                          torch.backends.cuda.preferred_blas_library())
         torch.backends.cuda.preferred_blas_library(blas)
-    from transformers import TrainerCallback
 
-    marks = []
-
-    class Clock(TrainerCallback):
-        # Logging syncs the device (the loss is read), so the host clock at each log is exact.
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                marks.append((state.global_step, time.perf_counter()))
-
-        def on_step_begin(self, args, state, control, **kw):
-            if probe:
-                probe.step_begin(state.global_step)
-
-        def on_step_end(self, args, state, control, **kw):
-            if probe:
-                probe.step_end(state.global_step)
+    def on_step(step):
+        if probe:
+            probe.step_end(step)
+            probe.step_begin(step)
 
     with changes:
-        trainer, res = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir,
-                                    callbacks=[Clock()])
-    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    times = [(s1, (t1 - t0) / (s1 - s0)) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s1 > s0]
-    return {"losses": losses, "step_times": times, "result": res.as_dict()}
+        out = engine.train(model, blocks, val, t, seed=seed, out_dir=out_dir, on_step=on_step)
+    hist = out.state.log_history
+    losses = [(h["step"], h["loss"]) for h in hist if "loss" in h]
+    # The engine's logged rate is the GPU's time between logs (CUDA events): as exact as the plain
+    # loop's host clock at its synchronising logs.
+    tokens_per_step = batch * blocks.shape[1] * engine.world()[1]
+    times = [(h["step"], tokens_per_step / h["tokens_per_s"]) for h in hist if h.get("tokens_per_s")]
+    return {"losses": losses, "step_times": times, "result": out.result.as_dict(),
+            "env": transforms.process_env(t, engine.sharded(t))}
 
 
 def steady(step_times, skip: int) -> float:
@@ -406,13 +354,9 @@ def main() -> None:
     ap.add_argument("--variants", default="baseline,engine",
                     help="comma list of NAME[=key:value+key:value]: baseline (the plain loop; "
                          "key mode = its compile mode, causal:1 = with the engine's causal "
-                         "attention), engine* (the engine with params' defaults, "
-                         "the given train.* keys overridden; also float8:tensorwise|rowwise with "
-                         "float8_skip:lm_head/..., blocking_copy:1, rope_table:0, bucket_view:0 (DDP), "
-                         "inductor:SETTING/SETTING, blas:cublaslt, clip:unfused, residual:fp32, fused_proj:0|qkv, "
-                         "cat:pointwise, weights:cast, adamw:torch, cublas_workspace:default, "
-                         "ce_rows:BLOCK/WARPS/REVERSE, log_sync:1), "
-                         "e.g. engine-model-loss=loss:model")
+                         "attention), engine* (the engine with params' defaults, the given train "
+                         "keys overridden, train.engine levers as engine.NAME; see run_engine), "
+                         "e.g. engine-model-loss=engine.loss:model,engine-noproj=engine.fused_proj:off")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N steps after --skip: GPU kernel time by kind, busy share")
     ap.add_argument("--sync-debug", action="store_true",
@@ -485,10 +429,11 @@ def main() -> None:
         try:
             if v.startswith("baseline"):
                 # causal:1 gives the plain loop the engine's causal attention (a fair comparison)
-                with (engine.causal_attention(model) if overrides.get("causal")
-                      else contextlib.nullcontext()):
-                    r = baseline(model, blocks, args.steps, args.batch, args.lr, seed,
-                                 args.warmup, mode=overrides.get("mode", "default"), probe=probe)
+                if overrides.get("causal"):
+                    transforms.optimize(model, transforms.Plan("cuda", "bf16", causal_attention=True),
+                                        args.seq)
+                r = baseline(model, blocks, args.steps, args.batch, args.lr, seed,
+                             args.warmup, mode=overrides.get("mode", "default"), probe=probe)
             else:
                 r = run_engine(model, blocks, val, args.steps, args.batch, args.lr, seed,
                                args.warmup, Path(f"/tmp/bench_engine_{v}"), dict(overrides),

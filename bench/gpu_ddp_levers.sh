@@ -137,7 +137,7 @@ elif [ "$PART" = e ] || [ "$PART" = f ]; then
   [ "$PART" = f ] || ddp_tests
 elif [ "$PART" = b ] || [ "$PART" = c ]; then
   [ "$PART" = c ] || RUN_TIMEOUT=130 ddp g2_b64 2 ddp 150 64
-  variants=engine; [ "$PART" = c ] && variants=engine,engine-copy=bucket_view:0
+  variants=engine  # DDP gradients are always bucket views now (the engine has no switch)
   env ${PROFILE_ENV:-} timeout 240 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
     bench/bench_train_gpu.py --tokenizer $DATA/tokenizer --tokens $DATA/tokens --steps 150 --batch 16 \
     --skip 50 --profile 5 --variants $variants --out $OUT/bench_ddp.json > $OUT/bench_ddp_full.txt 2>&1

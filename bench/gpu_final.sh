@@ -15,7 +15,7 @@ B=${PER_GPU_BATCH:-16}
     -rfE -k "${TESTS:-not ddp and not fsdp}" > $OUT/pytest_1gpu.txt 2>&1
   grep -E "^(FAILED|ERROR|E )|passed|failed" $OUT/pytest_1gpu.txt | tail -n 30 ) > $OUT/gpu1.txt 2>&1 &
 CUDA_VISIBLE_DEVICES=0 STEPS=200 BENCH_TIMEOUT=${B16_TIMEOUT:-230} \
-  VARIANTS="${VARIANTS16:-baseline,baseline-causal=causal:1,engine,engine-no-rope-table=rope_table:0}" \
+  VARIANTS="${VARIANTS16:-baseline,baseline-causal=causal:1,engine,engine-no-rope-table=engine.rope_table:off}" \
   bash bench/gpu_levers.sh
 if [ "${VARIANTS32:-}" != none ]; then
   CUDA_VISIBLE_DEVICES=0 STEPS=120 BATCH=32 TAG=_b32 BENCH_TIMEOUT=${B32_TIMEOUT:-130} \

@@ -10,7 +10,7 @@ source bench/gpu_common.sh
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -n 1; } | tee $OUT/gpu.txt
 timeout ${BENCH_TIMEOUT:-540} python3 bench/bench_train_gpu.py \
   --tokenizer $DATA/tokenizer --tokens $DATA/tokens --steps ${STEPS:-200} --batch ${BATCH:-16} --skip ${SKIP:-50} --profile ${PROFILE:-5} --sync-debug \
-  --variants "${VARIANTS:-baseline,engine,engine-blocking=blocking_copy:1,engine-fp8=float8:tensorwise,engine-fp8-body=float8:tensorwise+float8_skip:lm_head,engine-fp8-row=float8:rowwise}" \
+  --variants "${VARIANTS:-baseline,engine,engine-fp8=float8:tensorwise,engine-fp8-body=float8:tensorwise+float8_skip:lm_head,engine-fp8-row=float8:rowwise}" \
   --out $OUT/bench_train_gpu${TAG:-}.json > $OUT/bench_full${TAG:-}.txt 2>&1
 grep -E "tok/s|x baseline|profile|data:|FAILED|Traceback|Error|wrote|warning: the plain" $OUT/bench_full${TAG:-}.txt | tee $OUT/bench${TAG:-}.txt
 # DUMP_KERNELS=1: the generated source of the top inductor kernels of every variant, as

@@ -250,6 +250,30 @@ class Fim(Strict):
     spm_rate: float = Field(0.5, ge=0, le=1)
 
 
+class Engine(Strict):
+    """The training engine's speed levers (codex_ml/training/transforms.py, docs/engine.md). auto:
+    on where it was measured to help (a CUDA GPU, the model types it supports), off elsewhere;
+    `on` where it cannot apply is an error naming why. None changes what is computed beyond
+    rounding; each can be turned off to measure it (bench/bench_train_gpu.py)."""
+    compile: OnOff = "auto"      # torch.compile of the step's forward and backward (auto: on a GPU)
+    # auto = reduce-overhead (CUDA graphs) on a GPU without FSDP or gradient accumulation
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "auto"
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"  # SDPA kernel tried first
+    causal_attention: OnOff = "auto"   # SDPA with is_causal and no mask (full-attention decoders)
+    rope_table: OnOff = "auto"         # rotary cos/sin read from a table made once
+    # the training loss: fused = linear cross-entropy making its gradient in the forward pass
+    # (codex_ml/training/fused_ce.py; auto: on a GPU, Llama-style heads), model = the model's own
+    loss: Literal["auto", "fused", "model"] = "auto"
+    bf16_residual: OnOff = "auto"      # the residual stream in bf16 under bf16 autocast
+    fused_proj: Literal["auto", "off", "qkv", "all"] = "auto"  # q/k/v (and gate/up) as one matmul
+    bf16_weights: OnOff = "auto"       # matmuls read a bf16 copy of the weights the optimizer writes
+    fused_adamw: OnOff = "auto"        # AdamW as one Triton kernel that also writes the bf16 copies
+    fused_clip: OnOff = "auto"         # gradient clipping as the fused optimizer's grad_scale
+    cublas_workspace: OnOff = "auto"   # off: no cuBLAS workspace (auto: off under CUDA graphs, sm_90)
+    deferred_logs: OnOff = "auto"      # log values copied to the host without waiting for the GPU
+
+
 class Train(Strict):
     block_size: int = Field(256, ge=8)
     batch_size: int = Field(8, ge=1)
@@ -259,28 +283,10 @@ class Train(Strict):
     warmup_steps: int = Field(50, ge=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup",
                        "cosine_with_min_lr", "polynomial"] = "cosine"
-    # The default profile: ~1M tokens in ~4 minutes on a 2-core CPU; at equal tokens, batch 8 x 400
-    # steps reached test 1.74 bits/byte vs 1.89 for batch 16 x 200 (see README, train_model).
+    # The default profile: ~2.3M tokens (1,100 steps of 8 x 256) in minutes on a 2-core CPU.
     max_steps: int = Field(1100, ge=1)
     max_grad_norm: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: OnOff = "auto"
-    # torch.compile mode; auto = reduce-overhead (CUDA graphs) on a CUDA GPU without FSDP or
-    # gradient accumulation, else default: the fastest measured on an H200 (bench/RESULTS_GPU.md).
-    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune",
-                          "max-autotune-no-cudagraphs"] = "auto"
-    # Scaled-dot-product attention backend tried first on a GPU; auto keeps torch's own order.
-    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
-    # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without
-    # materialising the logits): auto = off (torch.compile cannot trace them on torch 2.11, and
-    # compile is the larger win); on = Liger without compile.
-    fused_kernels: OnOff = "auto"
-    # The training loss: fused = the engine's linear cross-entropy that makes its gradient in the
-    # forward pass (a Triton kernel on a GPU; codex_ml/training/fused_ce.py), model = the model's
-    # own. auto = fused with a CUDA GPU for the models it supports (Llama-style heads), else model
-    # (on a CPU the fused loss's torch path is slower: 0.88x vs 0.97x the plain loop,
-    # bench/bench_train_cpu.py --loss fused / model).
-    loss: Literal["auto", "fused", "model"] = "auto"
     # Wall-clock budget: stop (evaluate and save) after this many seconds even before max_steps.
     max_time_s: float | None = Field(None, gt=0)
     eval_every: int = Field(100, ge=1)
@@ -292,13 +298,18 @@ class Train(Strict):
     devices: Literal["auto"] | int = "auto"
     distributed: Literal["ddp", "fsdp"] = "ddp"
     # DDP gradient bucket size in MB (torch's default is 25). Under torch.compile each bucket
-    # boundary also splits the compiled graph; on 2 x H200 100 MB scaled 1.93x vs 1.85x at 25.
+    # boundary also splits the compiled graph: fewer, larger buckets scaled better on 2 GPUs
+    # (bench/RESULTS_GPU.md).
     ddp_bucket_mb: int = Field(100, ge=1)
     # The dtype DDP all-reduces gradients in: bf16 sends half the bytes (the weights and the
     # optimizer stay fp32). DDP only.
     ddp_allreduce: Literal["fp32", "bf16"] = "fp32"
     num_workers: int = Field(0, ge=0)
+    # Experiment trackers besides dvclive (rank 0, local files under the live directory):
+    # tensorboard (event files in <live>/tensorboard), mlflow (a file store in <live>/mlruns).
+    report_to: list[Literal["tensorboard", "mlflow"]] = []
     fim: Fim = Fim()
+    engine: Engine = Engine()
 
     @model_validator(mode="after")
     def _ddp_only(self):

@@ -36,11 +36,14 @@ def main():
 
     n = pipeline.visible_devices(p.train.devices)
     seen = torch.cuda.device_count()
+    # Settings torch reads once per process, made before any CUDA work and inherited by torchrun's
+    # ranks; never over the user's own.
+    from codex_ml.training import transforms
+    for k, v in transforms.process_env(p.train, sharded=n > 1 and p.train.distributed == "fsdp").items():
+        os.environ.setdefault(k, v)
     if (n > 1 or n < seen) and "WORLD_SIZE" not in os.environ:
         if n < seen:
-            # A process that sees several GPUs gets them all from the Trainer (DataParallel, under
-            # which the compiled model failed: "index is on cuda:1, different from ... cuda:0"),
-            # so train.devices: N runs on the first N only.
+            # train.devices: N runs on the first N GPUs only.
             ids = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(seen)))
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids.split(",")[:n])
         # One process per GPU (rank 0 logs and saves), or this one again on the first GPU.

@@ -1,1 +1,1 @@
-"""Training: packing (data), the Trainer-based engine, checkpoints, provenance, the stage's run()."""
+"""Training: packing (data), the training loop (engine) and its speed levers (transforms), checkpoints, provenance, the stage's run()."""

@@ -2,12 +2,12 @@
 
 torch's fused AdamW with a grad_scale (the engine's clip factor) reads parameter, gradient and
 both moments and writes all four back, the unscaled gradient included (for GradScaler's users):
-32 bytes a parameter, 1.18 ms a step for GPT-2-small on an H200, and the bf16 weight copies are
-then refreshed by another pass (0.13 ms). Here one kernel over all of a group's tensors (a table
-of their addresses, like torch's multi-tensor apply) reads 16 bytes a parameter and writes 12,
-plus the bf16 copy where the weight has one (fused_projections' `_w16`): the same arithmetic as
+32 bytes a parameter, and the bf16 weight copies are then refreshed by another pass. Here one
+kernel over all of a group's tensors (a table of their addresses, like torch's multi-tensor apply)
+reads 16 bytes a parameter and writes 12, plus the bf16 copy where the weight has one
+(transforms.py's bf16_weights): the same arithmetic as
 torch's fused kernel in fp32 (torch mixes in fp64 scalars: the results agree to rounding).
-0.99 ms a step against 1.34 for torch's step and the copy pass (H200, bench/bench_adamw.py).
+(bench/bench_adamw.py; figures in bench/RESULTS_GPU.md, other kernels.)
 The state is torch's AdamW's (exp_avg, exp_avg_sq, a float32 step tensor on the device), so
 checkpoints move freely between the two. Anything else (CPU tensors, amsgrad, GradScaler's
 found_inf, tensor lr, addresses not 16-byte aligned, no Triton) runs torch's own step and then
@@ -33,7 +33,7 @@ if triton is not None:
     def _pointers(row, col, offs, dtype: tl.constexpr, BLOCK: tl.constexpr):
         """The pointers to elements `offs` of the tensor whose address is row[col]. The hints (every
         address is 16-byte aligned: the host checks) let Triton load and store 16 bytes at a time;
-        without them every element was its own 4-byte load, at 2.5 TB/s (H200)."""
+        without them every element is its own 4-byte load."""
         base = tl.load(row + col).to(tl.pointer_type(dtype))
         return tl.max_contiguous(tl.multiple_of(base + offs, [16]), [BLOCK])
 

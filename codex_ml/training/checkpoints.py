@@ -1,7 +1,7 @@
 """Checkpoint policy: completion markers (kill -9 safe), fingerprints, best-k + latest retention.
 
-The Trainer writes `checkpoint-<step>/` file by file, so a kill while saving leaves a partial
-directory. After the Trainer has written everything, `Keeper` adds `codex_complete.json` (written
+The engine writes `checkpoint-<step>/` file by file, so a kill while saving leaves a partial
+directory. After everything is written, `mark_complete` adds `codex_complete.json` (written
 atomically) holding the fingerprint of params and data; only directories with that marker and a
 matching fingerprint are ever resumed.
 """
@@ -14,8 +14,6 @@ import logging
 import re
 import shutil
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 from .. import io
 
@@ -72,34 +70,19 @@ def find_resumable(out_dir: Path, fp: str) -> Path | None:
     return None
 
 
-class Keeper(TrainerCallback):
-    """Mark each saved checkpoint complete, then keep the best `keep` by val loss plus the latest."""
+def mark_complete(d: Path, fp: str, step: int, val_loss: float | None) -> None:
+    io.write_json(d / MARKER, {"fingerprint": fp, "step": step, "val_loss": val_loss})
 
-    def __init__(self, fp: str, keep: int):
-        self.fp, self.keep = fp, keep
 
-    def on_save(self, args, state, control, **kw):
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every rank has written its shard / RNG state
-        if not state.is_world_process_zero:
-            return
-        d = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        val = next((h["eval_loss"] for h in reversed(state.log_history)
-                    if "eval_loss" in h and h["step"] == state.global_step), None)
-        io.write_json(d / MARKER, {"fingerprint": self.fp, "step": state.global_step,
-                                   "val_loss": val})
-        self.rotate(Path(args.output_dir))
-
-    def rotate(self, out_dir: Path) -> None:
-        done = [(d, m) for d, m in scan(out_dir) if m]
-        if not done:
-            return
-        latest = done[-1][0]
-        ranked = sorted((d for d, m in done if m.get("val_loss") is not None),
-                        key=lambda d: dict(done)[d]["val_loss"])
-        keep = {latest, *ranked[: self.keep]}
-        for d, _ in done:
-            if d not in keep:
-                shutil.rmtree(d, ignore_errors=True)
+def rotate(out_dir: Path, keep: int) -> None:
+    """Keep the best `keep` complete checkpoints by val loss, plus the latest."""
+    done = [(d, m) for d, m in scan(out_dir) if m]
+    if not done:
+        return
+    latest = done[-1][0]
+    ranked = sorted((d for d, m in done if m.get("val_loss") is not None),
+                    key=lambda d: dict(done)[d]["val_loss"])
+    kept = {latest, *ranked[:keep]}
+    for d, _ in done:
+        if d not in kept:
+            shutil.rmtree(d, ignore_errors=True)

@@ -37,7 +37,7 @@ def pack(texts: Iterable[str], tokenizer, block_size: int, batch_docs: int = 256
 
 class Blocks(torch.utils.data.Dataset):
     """Blocks (a LongTensor, or data.tokens.TokenBlocks over memory-mapped shards) as the dicts
-    the HF Trainer expects; labels = inputs (the model shifts them)."""
+    the training loop reads; labels = inputs (the model shifts them)."""
 
     def __init__(self, blocks):
         self.blocks = blocks

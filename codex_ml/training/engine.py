@@ -531,6 +531,11 @@ def train(model, train_blocks, val_blocks, t: Train, *, seed: int, out_dir: str 
     state_dict = None
     if sharded(t):
         state_dict = _full_state(model, opt)[0]
+        # The gathered copies of tied weights (lm_head = embed_tokens) are separate tensors, which
+        # save_pretrained would write twice; one tensor again, as in the model, it writes one.
+        for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+            if target in state_dict and source in state_dict:
+                state_dict[target] = state_dict[source]
     if isinstance(opt, adamw.AdamW16):
         opt.copies = {}
     done.undo()

@@ -34,7 +34,7 @@ IGNORE = -100  # transformers' ignore index for labels
 
 
 class FimBlocks(torch.utils.data.Dataset):
-    """Blocks (anything indexable giving block_size ids) as the Trainer's {"input_ids", "labels"}
+    """Blocks (anything indexable giving block_size ids) as the training loop's {"input_ids", "labels"}
     dicts, FIM applied per document segment (see the module docstring)."""
 
     def __init__(self, blocks, tokenizer, rate: float, spm_rate: float, seed: int):

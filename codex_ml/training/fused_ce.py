@@ -1,7 +1,7 @@
 """The training loss as one linear cross-entropy that makes its own gradient in the forward pass.
 
-transformers' causal-LM loss writes the logits, an fp32 log-softmax, its gradient and a fill:
-at batch 16 x 1024 x 50k vocab ~3 ms of a 35 ms compiled step on an H200. Here the logits are
+transformers' causal-LM loss writes the logits, an fp32 log-softmax, its gradient and a fill
+(what it costs: bench/RESULTS_GPU.md, the `loss` lever). Here the logits are
 made once (one matmul), a Triton kernel turns each row into its loss and, in place, into the
 softmax gradient (two passes over the row, online softmax), and the gradients of the hidden
 states and the head's weight are two matmuls over that buffer. The backward pass only scales
@@ -13,7 +13,6 @@ compiled graph just calls it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -23,9 +22,8 @@ from ..modeling import base_model
 log = logging.getLogger("codex.train")
 
 IGNORE = -100  # transformers' ignore index for labels
-# The row kernel's (BLOCK, warps, second pass from the row's end): at 16k x 50,176 bf16 logits on
-# an H200, 1.14 ms a call against 1.20 for session 7's (8192, 16, forward) and 1.28 for
-# (8192, 16, reversed) (bench/bench_fused_ce.py, session 13). The benchmark's ce_rows ablation.
+# The row kernel's (BLOCK, warps, second pass from the row's end): the fastest of those
+# bench/bench_fused_ce.py tried on an H200 (bench/RESULTS_GPU.md, other kernels).
 ROWS = (4096, 8, True)
 # Causal LMs whose forward is `lm_head(model(...).last_hidden_state)` and whose loss is the plain
 # shifted cross-entropy (no logit scaling or soft-capping), so the fused loss is the same loss.
@@ -141,38 +139,3 @@ def applies(model) -> str | None:
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return "its lm_head is not a plain Linear without bias (e.g. LoRA on lm_head)"
     return None
-
-
-@contextlib.contextmanager
-def fused_loss(model, enabled: bool = True):
-    """While training, `model`'s forward with labels returns the fused loss (the same value as
-    transformers': labels shifted by one, -100 ignored, summed and divided by num_items_in_batch
-    when the Trainer passes it, else by the number of counted tokens) and no logits. In eval mode,
-    or without labels, the model's own forward runs."""
-    import torch.nn.functional as F
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    if not enabled:
-        yield
-        return
-    base = base_model(model)
-    own = type(base).forward
-
-    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kw):
-        if labels is None or not self.training or kw.get("inputs_embeds") is not None:
-            return own(self, input_ids=input_ids, labels=labels,
-                       num_items_in_batch=num_items_in_batch, **kw)
-        kw.pop("logits_to_keep", None)  # all positions count in a training loss
-        h = self.model(input_ids=input_ids, **kw).last_hidden_state
-        y = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
-        total = LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), self.lm_head.weight, y)
-        n = num_items_in_batch if num_items_in_batch is not None else (y != IGNORE).sum()
-        return CausalLMOutputWithPast(loss=total / n)
-
-    # An instance attribute, bound: accelerate wraps `model.forward.__func__` for autocast.
-    base.forward = forward.__get__(base)
-    try:
-        yield
-    finally:
-        if getattr(base.__dict__.get("forward"), "__func__", None) is forward:
-            del base.forward

@@ -17,13 +17,16 @@ from ..data import tokens
 from ..params import Params
 from ..stage import UserError
 from ..tokenizer import fim_ids
-from . import checkpoints, engine, fim, provenance
+from . import checkpoints, engine, fim, provenance, trackers, transforms
 
 log = logging.getLogger("codex.train")
 
 # Train keys that change how a run is observed or stored, never the weights it produces.
+# The engine's levers change rounding only; report_to where curves also go.
 _OPERATIONAL = {"log_every", "save_every", "keep_checkpoints", "num_workers", "devices",
-                "ddp_bucket_mb"}
+                "ddp_bucket_mb", "engine", "report_to"}
+# The checkpoint layout (engine.save_checkpoint): another one's checkpoints are never resumed.
+CHECKPOINT_FORMAT = "codex-loop-1"
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ def fingerprint_of(p: Params, manifest: dict, tok_hash: str) -> str:
         seed=p.seed, model=p.model.model_dump(), tokenizer=p.tokenizer.model_dump(),
         train=p.train.model_dump(exclude=_OPERATIONAL),
         data=manifest.get("dataset_version") or io.sha256_text(json.dumps(manifest, sort_keys=True)),
-        tokenizer_files=tok_hash)
+        tokenizer_files=tok_hash, format=CHECKPOINT_FORMAT)
 
 
 def visible_devices(devices) -> int:
@@ -114,7 +117,8 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
         model = modeling.apply_lora(model, m.lora)
     total, trainable = modeling.count_params(model)
     # Settings the model cannot take fail here, before dvclive clears the previous curves.
-    engine.resolve_loss(t.loss, model, t, engine.resolve_fused(t.fused_kernels))
+    transforms.resolve(t, model, sharded=engine.sharded(t))
+    trackers.check(t.report_to)
 
     resume_from = None
     if rank == 0:
@@ -152,14 +156,15 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
         live.monitor_system(interval=0.1, num_samples=20)  # one averaged sample every ~2 s
 
     try:
-        trainer, res = engine.train(model, train_blocks, val_blocks, t, seed=p.seed,
-                                    out_dir=paths.checkpoints, fingerprint=fp,
-                                    resume_from=resume_from, live=live)
+        trained = engine.train(model, train_blocks, val_blocks, t, seed=p.seed,
+                               out_dir=paths.checkpoints, fingerprint=fp,
+                               resume_from=resume_from, live=live)
     finally:
         # dvclive's system monitor is a non-daemon thread: unless ended it keeps the process alive
-        # after an error, or when nothing was trained (the Trainer's on_train_end never ran).
+        # after an error.
         if live is not None:
             live.end()
+    res = trained.result
     metrics = {
         "final_train_loss": res.final_train_loss, "final_val_loss": res.final_val_loss,
         "best_val_loss": res.best_val_loss, "steps": res.steps, "tokens": res.tokens,
@@ -168,16 +173,10 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
         "params": total, "trainable_params": trainable, "resumed_from_step": res.start_step,
         "stopped_early": res.stopped_early, "precision": res.precision, "world_size": ws,
         "compiled": res.compiled, "compile_mode": res.compile_mode,
-        "fused_kernels": res.fused_kernels, "loss": res.loss,
+        "loss": res.loss,
     }
-    state = None
-    if ws > 1 and t.distributed == "fsdp":
-        # Sharded parameters: every rank must take part in gathering the full state dict (a plain
-        # unwrap on rank 0 reads freed shard storage: "invalid python storage", 2 x H200).
-        state = trainer.accelerator.get_state_dict(trainer.model)
-    if rank == 0:
-        save(trainer.model if ws == 1 else trainer.accelerator.unwrap_model(trainer.model),
-             tokenizer, p, manifest, metrics, paths, ws, state_dict=state)
+    if rank == 0:  # under FSDP the full state dict, gathered by every rank in engine.train
+        save(trained.model, tokenizer, p, manifest, metrics, paths, ws, state_dict=trained.state_dict)
     metrics["wall_s"] = round(time.perf_counter() - t0, 1)
     return metrics
 
