@@ -2,7 +2,7 @@
 with evaluation, logs, checkpoints, resume, early stopping and a time budget.
 
 `train(model, train_blocks, val_blocks, t, ...)` is the entry point for the stage and the
-benchmarks. One step, in order (see `_step`):
+benchmarks. One step, in order (the `while` loop in `train`):
   1. `grad_accum` micro-batches, each: the batch to the device (pinned memory, non-blocking), the
      summed token loss of CausalLMLoss (compiled), divided by the step's label count (counted on
      the host from the CPU batch: no sync), backward (DDP all-reduces on the last micro-batch);
