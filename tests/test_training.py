@@ -207,7 +207,7 @@ def test_logs_give_each_log_steps_mean_loss_norm_and_rate_in_order(workspace, tm
     assert [h["step"] for h in one.values()] == list(range(1, 8))
     # warmup 2 then cosine: the step's own rate before its scheduler step
     assert one[1]["learning_rate"] == 0.0 and one[2]["learning_rate"] == pytest.approx(1.5e-3)
-    saved = torch.load(tmp_path / "2" / "checkpoint-5" / engine.STATE, weights_only=False)
+    saved = torch.load(tmp_path / "2" / "checkpoint-5" / engine.STATE, weights_only=True)
     assert saved["state"]["log_history"] == hist[:4] and saved["state"]["step"] == 5
     assert two.result.final_train_loss == hist[-2]["loss"]
     assert two.result.final_val_loss == hist[-1]["eval_loss"]
@@ -513,6 +513,19 @@ def test_engine_trains_with_causal_attention_and_rope_table_and_restores_the_mod
     assert model.config._attn_implementation == "sdpa" and model.model.rotary_emb is rotary
     model.save_pretrained(tmp_path / "saved")
     assert transforms.CAUSAL_SDPA not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_the_loop_keeps_the_bf16_weight_copies_equal_to_the_weights(workspace, tmp_path):
+    """bf16_weights on (CPU, bf16): the loop refreshes the copies after each optimizer step (torch's
+    AdamW here; AdamW16 writes them itself on a GPU), so the run trains the weights of the same run
+    without copies, bit for bit (on a CPU the two round alike), and nothing is left on the model."""
+    runs = {}
+    for on in ("on", "off"):
+        out = train_tiny(workspace, tmp_path / on, max_steps=6, precision="bf16",
+                         engine=dict(bf16_weights=on, fused_proj="all", bf16_residual="off"))
+        assert not swapped(out.model)
+        runs[on] = out.model
+    same_weights(runs["on"], runs["off"])
 
 
 @pytest.mark.parametrize("on", ["on", "off"])

@@ -224,7 +224,10 @@ def _scheduler(opt, t: Train, max_steps: int):
 
 
 def _rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and plain values, so checkpoints load with weights_only=True."""
+    kind, keys, *rest = np.random.get_state()
+    s = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state()
     return s
@@ -232,7 +235,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    kind, keys, *rest = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
@@ -286,12 +290,12 @@ def save_checkpoint(out_dir: Path, model, opt, sched, st: State, fp: str, keep: 
 
 
 def load_checkpoint(d: Path, model, opt, sched) -> State:
-    blob = torch.load(d / STATE, map_location="cpu", weights_only=False)
+    blob = torch.load(d / STATE, map_location="cpu", weights_only=True)
     _load_full_state(model, opt, blob["model"], blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     rng = d / f"rng-{world()[0]}.pt"
     if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(torch.load(rng, weights_only=True))
     return State(**blob["state"])
 
 
