@@ -110,7 +110,7 @@ def test_document_text_never_becomes_a_sentinel_id(workspace):  # noqa: F811
 
 
 def test_rate_zero_trains_exactly_as_without_fim(workspace, tmp_path):  # noqa: F811
-    """rate 0: the Trainer gets the plain blocks (the same batches) and the same weights come out;
+    """rate 0: the loop gets the plain blocks (the same batches) and the same weights come out;
     rate > 0 changes the weights (so this test can tell)."""
     from codex_ml import modeling
 

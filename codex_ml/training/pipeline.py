@@ -26,7 +26,7 @@ log = logging.getLogger("codex.train")
 _OPERATIONAL = {"log_every", "save_every", "keep_checkpoints", "num_workers", "devices",
                 "ddp_bucket_mb", "engine", "report_to"}
 # The checkpoint layout (engine.save_checkpoint): another one's checkpoints are never resumed.
-CHECKPOINT_FORMAT = "codex-loop-1"
+CHECKPOINT_FORMAT = "codex-loop-2"
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,10 @@ def run(p: Params, paths: Paths = Paths()) -> dict:
         model = modeling.apply_lora(model, m.lora)
     total, trainable = modeling.count_params(model)
     # Settings the model cannot take fail here, before dvclive clears the previous curves.
+    if m.lora.enabled and t.distributed == "fsdp" and ws > 1:
+        raise UserError("train.distributed = fsdp with model.lora.enabled: not supported (the "
+                        "adapter is saved from whole weights; LoRA's frozen base needs no "
+                        "sharding of optimizer state); use train.distributed: ddp")
     transforms.resolve(t, model, sharded=engine.sharded(t))
     trackers.check(t.report_to)
 
