@@ -1360,3 +1360,25 @@ def test_wide_cat_slices_lowers_only_wide_last_dim_concatenations_to_slices():
     assert got == {32: pointwise, 256: {"pointwise": False, "slices": 2}}, got
 
 
+
+
+def test_the_private_api_modules_fall_back_on_another_torch(monkeypatch):
+    """private/: on a torch version they were not written for, the inductor lowering is reported
+    unavailable (the context does nothing; fused_proj auto stays off) and torch's fused AdamW is
+    not handed the clip factor (the loop clips in place); our own AdamW16 still takes it."""
+    from codex_ml.params import Train
+    from codex_ml.training import adamw, transforms
+    from codex_ml.training.private import inductor_cat, optimizer_grad_scale
+
+    w = torch.nn.Parameter(torch.ones(4))
+    fused = torch.optim.AdamW([w], fused=True)
+    assert inductor_cat.available() and optimizer_grad_scale.folds(fused)
+    assert not optimizer_grad_scale.folds(torch.optim.AdamW([w]))  # not fused: no grad_scale
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    assert not inductor_cat.available() and not optimizer_grad_scale.folds(fused)
+    assert optimizer_grad_scale.folds(adamw.AdamW16([w]))
+    from torch._inductor import lowering
+    plain = lowering.pointwise_cat
+    with inductor_cat.wide_cat_slices(True) as on:
+        assert on is False and lowering.pointwise_cat is plain
+    assert transforms.resolve(Train(), tiny_llama()).fused_proj == ""

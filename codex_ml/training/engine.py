@@ -36,7 +36,7 @@ from ..modeling import base_model
 from ..params import Train
 from . import adamw, checkpoints, fused_ce, transforms, trackers
 from .data import Blocks, evenly_spaced
-from .private import inductor_cat
+from .private import inductor_cat, optimizer_grad_scale
 
 log = logging.getLogger("codex.train")
 STATE = "state.pt"
@@ -120,7 +120,7 @@ def check_data(train_blocks, val_blocks, t: Train) -> int:
 
 class Order:
     """The order blocks are trained in, as index batches for a DataLoader: epoch e is a
-    permutation drawn from (seed, e), held as int64 (8 bytes a block, never a Python list);
+    permutation drawn from seed + e, held as int64 (8 bytes a block, never a Python list);
     global micro-batch k gives rank r the blocks perm[(j * world + r) * B:][:B], j = k within its
     epoch (the remainder of an epoch is dropped). Starting at micro-batch `start` resumes exactly."""
 
@@ -133,8 +133,10 @@ class Order:
         while True:
             e, j = divmod(k, self.per_epoch)
             if e != epoch:
+                # seed + epoch, as accelerate's seedable sampler drew it for the HF Trainer: the
+                # same batches as runs made before this loop.
                 epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                    self.seed * 100_003 + e))
+                    self.seed + e))
             lo = (j * self.ranks + self.rank) * self.batch
             yield perm[lo: lo + self.batch].tolist()
             k += 1
@@ -166,13 +168,22 @@ def counted(labels: torch.Tensor) -> int:
 
 
 def bf16_allreduce(process_group, bucket):
-    """DDP's gradient all-reduce in bf16, then back into the fp32 bucket: torch's
-    bf16_compress_hook, which DDP refuses to register in a torch built without CUDA; under this
-    name it also runs on gloo, so the CPU tests run the same hook as the GPUs. (No annotations:
-    DDP checks them against its own types, and this module's are strings.)"""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    """DDP's gradient all-reduce in bf16, then back into the fp32 bucket (what torch's
+    bf16_compress_hook does; DDP refuses that one in a torch built without CUDA, so the CPU tests
+    could not run the GPUs' hook). Public APIs only: the bucket's buffer, an async all_reduce and
+    its future. (No annotations: DDP checks them against its own types, and this module's are
+    strings.)"""
+    import torch.distributed as dist
 
-    return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)
+    group = process_group or dist.group.WORLD
+    buf = bucket.buffer()
+    half = buf.to(torch.bfloat16).div_(dist.get_world_size(group))
+    fut = dist.all_reduce(half, group=group, async_op=True).get_future()
+
+    def back(fut):
+        buf.copy_(fut.value()[0])
+        return buf
+    return fut.then(back)
 
 
 def _wrap(model: nn.Module, loss_mod: nn.Module, t: Train, device: torch.device) -> nn.Module:
@@ -487,9 +498,9 @@ def train(model, train_blocks, val_blocks, t: Train, *, seed: int, out_dir: str 
                 scaler.unscale_(opt)
             norm = None
             if t.max_grad_norm > 0:
-                if plan.fused_clip:
+                if plan.fused_clip and optimizer_grad_scale.folds(opt):
                     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                    opt.grad_scale = torch.clamp((norm + 1e-6) / t.max_grad_norm, min=1.0)
+                    optimizer_grad_scale.clip(opt, norm, t.max_grad_norm)
                 else:
                     norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             lr = sched.get_last_lr()[0]

@@ -25,8 +25,9 @@ log = logging.getLogger("codex.train")
 # The engine's levers change rounding only; report_to where curves also go.
 _OPERATIONAL = {"log_every", "save_every", "keep_checkpoints", "num_workers", "devices",
                 "ddp_bucket_mb", "engine", "report_to"}
-# The checkpoint layout (engine.save_checkpoint): another one's checkpoints are never resumed.
-CHECKPOINT_FORMAT = "codex-loop-2"
+# The checkpoint layout (engine.save_checkpoint) and the data order (engine.Order): a checkpoint
+# made with another layout or order is never resumed. Bump it when either changes.
+CHECKPOINT_FORMAT = "codex-loop-3"
 
 
 @dataclass(frozen=True)
