@@ -6,15 +6,22 @@ global batch.
 """
 
 import ast
+import json
+import re
 import statistics
 import sys
 from pathlib import Path
 
 
 def curve(log: Path) -> list[tuple[int, float, float | None]]:
-    """(step, loss, tokens/s) per train log line; the Trainer logs step 1, then every 10."""
-    rows = [ast.literal_eval(line) for line in log.read_text().splitlines()
-            if line.startswith("{'loss'")]
+    """(step, loss, tokens/s) per train log line: the loop's `step N/M {json}` lines, or (older
+    logs) the HF Trainer's dicts, which it printed at step 1, then every 10."""
+    lines = log.read_text().splitlines()
+    own = [re.search(r"step (\d+)/\d+ (\{.*\})$", line) for line in lines]
+    own = [(int(m.group(1)), json.loads(m.group(2))) for m in own if m]
+    if own:
+        return [(s, float(r["loss"]), r.get("tokens_per_s")) for s, r in own if "loss" in r]
+    rows = [ast.literal_eval(line) for line in lines if line.startswith("{'loss'")]
     steps = [1] + [10 * i for i in range(1, len(rows))]
     return [(s, float(r["loss"]), float(r["tokens_per_s"]) if "tokens_per_s" in r else None)
             for s, r in zip(steps, rows)]

@@ -16,6 +16,7 @@ keeps its lead over the GPU. The speed levers are transforms.py's; this file onl
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -451,6 +452,8 @@ def train(model, train_blocks, val_blocks, t: Train, *, seed: int, out_dir: str 
         st.log_history.append(rec)
         if track is not None:
             track.log(rec["step"], {k: v for k, v in rec.items() if k != "step"})
+            log.info("step %d/%d %s", rec["step"], max_steps, json.dumps(
+                {k: round(v, 6) if isinstance(v, float) else v for k, v in rec.items() if k != "step"}))
 
     logs = Logs(plan.deferred_logs, tokens_per_step, emit)
     loss_sum = torch.zeros((), device=device)
