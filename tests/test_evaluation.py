@@ -240,10 +240,16 @@ def test_stage_script(tiny, tmp_path):
         "seed: 3\neval:\n  bootstrap: 100\n  completion: {num_prompts: 2, max_new_tokens: 4}\n")
     cmd = [sys.executable, "stages/evaluate.py", "--params", str(tmp_path / "params.yaml"),
            "--model", str(tiny["model"]), "--splits", str(tiny["splits"]),
-           "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "eval.json")]
+           "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "eval.json"),
+           "--doc-scores", str(tmp_path / "eval_docs.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    committed = (ROOT / "metrics" / "eval_docs.json").read_bytes()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
+    # Every output where the command said: the repository's committed per-document scores are
+    # untouched (this test once overwrote them).
+    assert (ROOT / "metrics" / "eval_docs.json").read_bytes() == committed
+    assert json.loads((tmp_path / "eval_docs.json").read_text())["docs"]
     m = json.loads((tmp_path / "eval.json").read_text())
     assert m["docs"] == 6 and (tmp_path / "eval" / "predictions.jsonl").exists()
     bad = subprocess.run(cmd[:4] + ["--model", str(tmp_path)] + cmd[6:], cwd=ROOT,
