@@ -6,8 +6,8 @@ does without it (fused_proj's auto then stays off: see transforms.py).
 
 Why: the backward of a fused q/k/v (or gate/up) matmul concatenates the three output gradients
 along the last dimension for one weight-gradient matmul. Inductor chose one pointwise kernel with a
-masked load per input, which also recomputed RoPE's backward inside it: 3.28 ms a step against
-0.58 ms as slices (H200, GPT-2-small shape). Inductor has no setting for this choice, so its
+masked load per input, which also recomputed RoPE's backward inside it, several times slower than
+slices (bench/RESULTS_GPU.md, the fused_proj row). Inductor has no setting for this choice, so its
 lowering helper is swapped while the engine compiles; concatenations narrower than 256 (RoPE's
 halves) keep inductor's choice. The compile caches key on inductor's config, not on a lowering,
 so a no-op post-grad pass whose uuid names this file keeps their entries apart.
