@@ -310,7 +310,8 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     train.update({k: v for k, v in overrides.items() if not k.startswith("engine.")})
     t = params.Train(**train, engine=levers)
     # Settings torch reads once per process: this variant's process is its own (each_in_own_process).
-    for k, v in transforms.process_env(t, engine.sharded(t)).items():
+    env = transforms.process_env(t, engine.sharded(t))
+    for k, v in env.items():
         os.environ.setdefault(k, v)
     changes = contextlib.ExitStack()
     changes.enter_context(torch._inductor.config.patch(inductor))
@@ -333,7 +334,7 @@ def run_engine(model, blocks, val, steps, batch, lr, seed, warmup, out_dir, over
     tokens_per_step = batch * blocks.shape[1] * engine.world()[1]
     times = [(h["step"], tokens_per_step / h["tokens_per_s"]) for h in hist if h.get("tokens_per_s")]
     return {"losses": losses, "step_times": times, "result": out.result.as_dict(),
-            "env": transforms.process_env(t, engine.sharded(t))}
+            "env": env}
 
 
 def steady(step_times, skip: int) -> float:

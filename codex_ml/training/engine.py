@@ -254,16 +254,20 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
+def _fsdp(model) -> bool:
+    return any(hasattr(m, "unshard") for m in model.modules())  # fully_shard'ed modules
+
+
 def _full_state(model, opt) -> tuple[dict, dict]:
     """Whole (unsharded) model and optimizer state dicts on the CPU; under FSDP a collective."""
-    if any(hasattr(m, "unshard") for m in model.modules()):  # fully_shard'ed modules
+    if _fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return model.state_dict(), opt.state_dict()
 
 
 def _load_full_state(model, opt, msd: dict, osd: dict) -> None:
-    if any(hasattr(m, "unshard") for m in model.modules()):
+    if _fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
                        options=StateDictOptions(full_state_dict=True))
@@ -377,13 +381,14 @@ def evaluate(model, val: torch.Tensor, batch: int, plan: transforms.Plan, device
     mine = val[rank::ws]
     was = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad(), _autocast(plan):
         for i in range(0, len(mine) - batch + 1, batch):
-            x = mine[i: i + batch].to(device)
-            loss = model(input_ids=x, labels=x, use_cache=False, num_items_in_batch=1).loss
-            total += torch.stack([loss.double(), torch.tensor(float(counted(mine[i: i + batch])),
-                                                              dtype=torch.float64, device=device)])
+            x = mine[i: i + batch]
+            loss_sum += model(input_ids=x.to(device), labels=x.to(device), use_cache=False,
+                              num_items_in_batch=1).loss.double()
+            n += counted(x)
+    total = torch.stack([loss_sum, torch.tensor(float(n), dtype=torch.float64, device=device)])
     if ws > 1:
         dist.all_reduce(total)
     model.train(was)
@@ -439,6 +444,7 @@ def train(model, train_blocks, val_blocks, t: Train, *, seed: int, out_dir: str 
     start_step = st.step
     scaler = torch.amp.GradScaler(plan.device) if plan.precision == "fp16" else None
     graphs = plan.compile_mode in ("reduce-overhead", "max-autotune")
+    ddp = ws > 1 and not sharded(t)  # DDP syncs gradients on the last micro-batch only
     fwd = torch.compile(step_mod, mode=plan.compile_mode) if plan.compile else step_mod
     params = [p for p in model.parameters() if p.requires_grad]
     ds = train_blocks if isinstance(train_blocks, torch.utils.data.Dataset) else Blocks(train_blocks)
@@ -446,7 +452,7 @@ def train(model, train_blocks, val_blocks, t: Train, *, seed: int, out_dir: str 
     loader = iter(torch.utils.data.DataLoader(
         ds, batch_sampler=order, num_workers=t.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=False))
-    track = trackers.open(t.report_to, live) if rank == 0 else None
+    track = trackers.Trackers(t.report_to, live) if rank == 0 else None
 
     def emit(rec: dict):
         st.log_history.append(rec)
@@ -460,8 +466,9 @@ def train(model, train_blocks, val_blocks, t: Train, *, seed: int, out_dir: str 
     since_log = 0
 
     def eval_and_save(final: bool) -> None:
+        """At an eval/save step, what its grid asks; at the last step (final), whatever it lacks."""
         logs.poll(flush=True)
-        if final:  # the last step: evaluated unless it was on the eval grid (then it already was)
+        if final:
             due = not any("eval_loss" in h and h["step"] == st.step for h in st.log_history)
         else:
             due = st.step % t.eval_every == 0
@@ -472,7 +479,7 @@ def train(model, train_blocks, val_blocks, t: Train, *, seed: int, out_dir: str 
                 st.best_val, st.evals_without_gain = v, 0
             else:
                 st.evals_without_gain += 1
-        if final or st.step % t.save_every == 0:
+        if (due or not (out_dir / f"checkpoint-{st.step}").exists()) if final else st.step % t.save_every == 0:
             save_checkpoint(out_dir, model, opt, sched, st, fingerprint, t.keep_checkpoints)
         logs.restart(st.step)
 
@@ -482,13 +489,12 @@ def train(model, train_blocks, val_blocks, t: Train, *, seed: int, out_dir: str 
     with inductor_cat.wide_cat_slices(bool(plan.fused_proj) and plan.compile):
         logs.restart(st.step)
         while st.step < max_steps and stop is None:
-            n = 0
             batches = [next(loader) for _ in range(t.grad_accum)]
             n = sum(counted(b["labels"]) for b in batches)
             for i, b in enumerate(batches):
                 x = b["input_ids"].to(device, non_blocking=True)
                 y = b["labels"].to(device, non_blocking=True)
-                sync = ws == 1 or sharded(t) or i == t.grad_accum - 1
+                sync = not ddp or i == t.grad_accum - 1
                 with (contextlib.nullcontext() if sync else step_mod.no_sync()):
                     if graphs:
                         torch.compiler.cudagraph_mark_step_begin()
@@ -537,9 +543,7 @@ def train(model, train_blocks, val_blocks, t: Train, *, seed: int, out_dir: str 
             if on_step is not None:
                 on_step(st.step)
         if st.step > start_step:
-            last = [h for h in st.log_history if h["step"] == st.step]
-            if not any("eval_loss" in h for h in last) or not (out_dir / f"checkpoint-{st.step}").exists():
-                eval_and_save(final=True)
+            eval_and_save(final=True)
     logs.poll(flush=True)
     train_s = time.perf_counter() - run_t0
     del loader  # its worker processes end with it

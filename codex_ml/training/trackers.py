@@ -63,6 +63,3 @@ class Trackers:
         if self.mlflow is not None:
             self.mlflow.end_run()
 
-
-def open(report_to: list[str], live) -> Trackers:  # noqa: A001 (the module's verb)
-    return Trackers(report_to, live)

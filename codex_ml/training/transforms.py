@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from ..modeling import base_model
 from ..params import Train
@@ -270,9 +272,6 @@ class FusedAttention(nn.Module):
         return _rows(self.qkv, self.qkv16)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
-
         for k in ("cache", "past_key_values", "past_key_value"):
             if kwargs.pop(k, None) is not None:
                 raise RuntimeError("FusedAttention is a training module: it keeps no KV cache")
@@ -389,7 +388,6 @@ def optimize(model: nn.Module, plan: Plan, length: int) -> Optimized:
     """Apply the plan's model transforms (the module docstring's order). `length`: the training
     sequence length (the RoPE table covers it and max_position_embeddings)."""
     from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     base = base_model(model)
     done = Optimized(model)
