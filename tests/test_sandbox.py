@@ -190,19 +190,25 @@ def test_writes_outside_the_sandbox_tmp_never_land(problems, tmp_path):
 
 
 def test_os_system_cannot_delete_files(problems, tmp_path):
-    victim = ROOT / f".sandbox-victim-{secrets.token_hex(6)}"
-    victim.write_text("keep me")
+    # One victim in the repository, one in the interpreter's environment: a checkout under /tmp is
+    # hidden by the sample's private /tmp, while the environment is always bound in (read-only).
+    token = secrets.token_hex(6)
+    victim, in_env = ROOT / f".sandbox-victim-{token}", Path(sys.prefix) / f".sandbox-victim-{token}"
+    for v in (victim, in_env):
+        v.write_text("keep me")
     (tmp_path / "keep").write_text("keep me too")
     try:
-        cmd = f"rm -rf {victim} {tmp_path} {ROOT / 'README.md'}"
+        cmd = f"rm -rf {victim} {in_env} {tmp_path} {ROOT / 'README.md'}"
         res = sandbox.run(f"import os\nprint('rm:', os.system({cmd!r}))\n", FAST)
         # The shell ran (rm reported the read-only file system) and deleted nothing.
         assert "Read-only file system" in res.output, res.output
-        assert victim.exists() and (tmp_path / "keep").exists() and (ROOT / "README.md").exists()
+        assert victim.exists() and in_env.exists() and (tmp_path / "keep").exists() \
+            and (ROOT / "README.md").exists()
         r = score_one(problems[0], body(f"import os; os.system({cmd!r})", "return None"))
-        assert r["kind"] == "failed" and victim.exists()
+        assert r["kind"] == "failed" and victim.exists() and in_env.exists()
     finally:
         victim.unlink()
+        in_env.unlink()
 
 
 def test_no_socket_reaches_a_listener_on_localhost(problems):

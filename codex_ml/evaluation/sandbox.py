@@ -176,9 +176,20 @@ if pid == 0:
         if root:
             for path in cfg["expose"]:
                 expose(path)
+        # An interpreter under /tmp (a checkout there, its venv) would vanish under the private
+        # /tmp: held open first, bound back read-only at its own path inside it.
+        under_tmp = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in cfg["expose"]
+                     if p == "/tmp" or p.startswith("/tmp/")]
         opts = "size=%dk,nr_inodes=4096,mode=1777" % cfg["tmpfs_kb"]
         check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode()),
               "mount tmpfs on /tmp")
+        for path, fd in under_tmp:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            check(libc.mount(("/proc/self/fd/%d" % fd).encode(), path.encode(), None, MS_BIND | MS_REC,
+                             None), "bind-mount " + path)
+            check(libc.mount(None, path.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None),
+                  "remount read-only " + path)
+            os.close(fd)
         os.chdir("/tmp")
         with open("program.py", "w", encoding="utf-8") as f:
             f.write(cfg["program"])
